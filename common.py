@@ -1,0 +1,563 @@
+"""Shared plumbing for the three stages, nothing of the algorithm: distributed setup and printing,
+the DeepSpeed config, tokenizer/model loading (hub name, local folder or tiny:<model_type>), LoRA,
+optimizer and saving Hugging Face folders atomically.
+
+DeepSpeed is imported lazily (it takes seconds) so that `--help` and argument errors are instant.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input: reported as one line naming the flag or file, never as a traceback."""
+
+
+def run_cli(main):
+    """Entry point wrapper: a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print_rank0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Join the process group set up by the `deepspeed` launcher, or make a world of one for plain
+    `python stage.py`. Returns this rank's torch device."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    on_cpu = acc.device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
+    if on_cpu:
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc.set_device(local_rank)
+    return torch.device(acc.device_name(local_rank))
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over ranks (eval counters)."""
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by the stages; each raises a one-line UserError before any heavy work.
+def check_zero_stage(stage, flag="--zero_stage"):
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{flag} {stage}: must be 0, 1, 2 or 3")
+
+
+def check_dtype(dtype):
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("--dtype fp16 needs a GPU (loss scaling is not supported on CPU); use --dtype bf16 or fp32")
+
+
+def check_output_dir(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--output_dir {path}: not writable")
+
+
+def check_model_path(name, flag="--model_name_or_path"):
+    """A tiny:<type>, a folder with config.json, or a hub name that the Hub (or its cache) resolves."""
+    if name.startswith("tiny:"):
+        if name[5:] not in TINY_FAMILIES:
+            raise UserError(f"{flag} {name}: unknown tiny model type (known: {', '.join('tiny:' + k for k in TINY_FAMILIES)})")
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model folder)")
+        return
+    if os.path.exists(name) or name.startswith(("/", "./", "../")) or name.count("/") > 1:
+        raise UserError(f"{flag} {name}: no such model folder")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {name}: not a local folder and not loadable from the Hugging Face Hub "
+                        f"({str(e).splitlines()[0][:160]})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config (DeepSpeed-Chat's get_train_ds_config / get_eval_ds_config, trimmed).
+def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, tensorboard=None, train=True):
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * grad_accum * world_size(),
+        "gradient_accumulation_steps": grad_accum,
+        "steps_per_print": 10 ** 9,  # we print our own line per step
+        "zero_optimization": {
+            "stage": stage,
+            "offload_param": {"device": "cpu" if offload and stage == 3 else "none"},
+            "offload_optimizer": {"device": "cpu" if offload and train and stage > 0 else "none"},
+            "stage3_param_persistence_threshold": 1e4,
+            "stage3_max_live_parameters": 3e7,
+            "stage3_prefetch_bucket_size": 3e7,
+        },
+        "zero_allow_untested_optimizer": True,  # plain torch AdamW on CPU
+        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
+        "bf16": {"enabled": dtype == "bf16"},
+        "gradient_clipping": clip,
+        "wall_clock_breakdown": False,
+    }
+    if tensorboard:
+        cfg["tensorboard"] = {"enabled": True, "output_path": tensorboard[0], "job_name": tensorboard[1]}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models: tiny:<model_type> is a random model of that family with a byte-level tokenizer
+# (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
+# (from_pretrained, save, reload) is the one a hub model takes.
+_D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
+TINY_FAMILIES = {
+    "gpt2": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
+                max_position_embeddings=_POS, word_embed_proj_dim=_D, dropout=0.0, attention_dropout=0.0),
+    "llama": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
+                  intermediate_size=_FF // 2, max_position_embeddings=_POS),
+    "mistral": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
+                    intermediate_size=_FF // 2, max_position_embeddings=_POS, sliding_window=None),
+    "qwen2": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
+                  intermediate_size=_FF // 2, max_position_embeddings=_POS),
+    "gpt_neox": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_FF,
+                     max_position_embeddings=_POS, hidden_dropout=0.0, attention_dropout=0.0),
+    "bloom": dict(hidden_size=_D, n_layer=_L, n_head=_H, hidden_dropout=0.0, attention_dropout=0.0),
+    "gptj": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, rotary_dim=16,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF,
+                    max_position_embeddings=_POS, window_size=_POS,
+                    attention_types=[[["global", "local"], 1], [["global"], 1]],
+                    resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
+    "codegen": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, n_ctx=_POS,
+                    rotary_dim=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+TINY_VERSION = 1
+
+
+def tiny_cache_dir():
+    return os.environ.get("MINIRLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minirlhf"))
+
+
+def byte_tokenizer():
+    """Byte-level BPE with no merges: 256 byte tokens plus <|pad|> (0) and <|endoftext|> (1, EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|pad|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def tiny_model_path(model_type):
+    """Folder of tiny:<model_type>, created (deterministically) on first use."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = os.path.join(tiny_cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    tokenizer = byte_tokenizer()
+    vocab = 8 * math.ceil(len(tokenizer) / 8)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                  **TINY_FAMILIES[model_type])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    torch.random.set_rng_state(state)
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another rank created it first; both are identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_model(name):
+    return tiny_model_path(name[5:]) if name.startswith("tiny:") else name
+
+
+def load_tokenizer(name):
+    """The model's tokenizer with a PAD distinct from EOS (added when missing), so padding never
+    hides the end of a response."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{name}: its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def configure_dropout(config, dropout):
+    """Set every dropout probability the config has (None keeps the model's own)."""
+    if dropout is None:
+        return
+    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+                "embd_pdrop", "attn_pdrop", "resid_dropout", "embed_dropout", "summary_first_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None):
+    """A transformers model in fp32 (DeepSpeed casts it), embeddings resized to the tokenizer.
+    Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained shard parameters as they load."""
+    import transformers
+    path = resolve_model(name)
+    config = transformers.AutoConfig.from_pretrained(path)
+    configure_dropout(config, dropout)
+    keep = None
+    if zero_stage == 3 and ds_cfg is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 -- must stay alive while the model loads
+    model = getattr(transformers, auto_class).from_pretrained(path, config=config)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    del keep
+    return model
+
+
+def cap_seq_len(name, max_seq_len):
+    """--max_seq_len, capped at the model's number of positions (with a note when it is)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "seq_length") if getattr(config, k, None)), None)
+    if limit and max_seq_len > limit:
+        print_rank0(f"note: --max_seq_len {max_seq_len} capped at the model's {limit} positions")
+        return limit
+    return max_seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA, in DeepSpeed-Chat's layout (lora_right_weight, lora_left_weight, lora_scaling, fuse_lora),
+# the convention DeepSpeed's hybrid engine knows how to fuse. Handles nn.Linear and GPT-2's Conv1D
+# (weight stored transposed, [in, out]).
+class LinearLayer_LoRA(nn.Module):
+    def __init__(self, weight, bias, lora_dim, lora_scaling=1.0, transposed=False):
+        super().__init__()
+        self.weight, self.bias, self.transposed = weight, bias, transposed
+        self.weight.requires_grad = False  # only the low-rank update is trained
+        shape = getattr(weight, "ds_shape", weight.shape)
+        fan_in, fan_out = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
+        self.lora_right_weight = nn.Parameter(torch.zeros(fan_in, lora_dim))  # [in, r]
+        self.lora_left_weight = nn.Parameter(torch.zeros(lora_dim, fan_out))  # [r, out]
+        nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
+        self.lora_scaling = lora_scaling / lora_dim
+        self.fuse_lora = False
+
+    def delta(self):
+        """The fused update in the weight's own layout."""
+        d = self.lora_scaling * (self.lora_right_weight @ self.lora_left_weight)  # [in, out]
+        return d if self.transposed else d.t()
+
+    def fuse_lora_weight(self):
+        if not self.fuse_lora:
+            self.weight.data += self.delta().to(self.weight.dtype)
+            self.fuse_lora = True
+
+    def unfuse_lora_weight(self):
+        if self.fuse_lora:
+            self.weight.data -= self.delta().to(self.weight.dtype)
+            self.fuse_lora = False
+
+    def forward(self, x):
+        w = self.weight.t() if self.transposed else self.weight
+        out = F.linear(x, w, self.bias)
+        if self.fuse_lora:
+            return out
+        return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
+
+
+def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):
+    """Replace every nn.Linear / Conv1D whose name contains `module_name` by a LoRA layer."""
+    from transformers.pytorch_utils import Conv1D
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
+    if not targets:
+        raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
+    for name, module in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
+        setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LinearLayer_LoRA)]
+
+
+def only_optimize_lora(model):
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_right_weight" in name or "lora_left_weight" in name
+    return model
+
+
+_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight",
+             "ln_2.weight", "ln_attn.weight", "ln_mlp.weight", "norm_1.weight", "norm_2.weight")
+
+
+def make_optimizer(model, lr, weight_decay, lora_lr=None, offload=False):
+    """AdamW (betas 0.9/0.95 as DeepSpeed-Chat) with no decay on biases and norms and LoRA's own lr.
+    DeepSpeedCPUAdam when the optimizer state is offloaded (DeepSpeed requires it)."""
+    groups = {"decay": [], "no_decay": [], "lora": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "lora" if "lora_" in name else ("no_decay" if any(k in name for k in _NO_DECAY) else "decay")
+        groups[key].append(p)
+    param_groups = [{"params": groups["decay"], "weight_decay": weight_decay},
+                    {"params": groups["no_decay"], "weight_decay": 0.0},
+                    {"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr}]
+    param_groups = [g for g in param_groups if g["params"]]
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------------------------
+# Saving: full (ZeRO-3-gathered) weights with LoRA fused into plain HF layers, written beside the
+# target and renamed into place, so a crash never leaves a half-written folder where a good one was.
+def gather_params(model):
+    """{name: CPU tensor} of every parameter on rank 0 (None elsewhere), ZeRO-3 shards gathered one
+    parameter at a time. Collective under ZeRO-3: call on every rank."""
+    import deepspeed
+    sd = {}
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank() == 0:
+                    sd[name] = p.data.detach().cpu().clone()
+        elif rank() == 0:
+            sd[name] = p.detach().cpu().clone()
+    return sd if rank() == 0 else None
+
+
+def state_dict_from(model, params):
+    """A saveable state dict from gathered `params`: persistent buffers added, LoRA fused."""
+    keys = set(model.state_dict().keys())
+    sd = dict(params)
+    for name, b in model.named_buffers():
+        if name in keys:
+            sd[name] = b.detach().cpu().clone()
+    return fuse_lora_state(model, sd)
+
+
+def full_state_dict(model):
+    """The complete state dict on rank 0 (None elsewhere): ZeRO-3 gathered, LoRA fused into its base
+    weight and its own tensors dropped. Collective under ZeRO-3."""
+    params = gather_params(model)
+    return None if params is None else state_dict_from(model, params)
+
+
+def fuse_lora_state(model, sd):
+    """Fold every LoRA layer's update into its base weight in state dict `sd` (plain HF keys out)."""
+    for mname, m in model.named_modules():
+        if isinstance(m, LinearLayer_LoRA):
+            prefix = f"{mname}." if mname else ""
+            right, left = sd.pop(prefix + "lora_right_weight"), sd.pop(prefix + "lora_left_weight")
+            d = m.lora_scaling * (right.float() @ left.float())
+            w = sd[prefix + "weight"]
+            sd[prefix + "weight"] = (w.float() + (d if m.transposed else d.t())).to(w.dtype)
+    return sd
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def publish_dir(tmp, output_dir):
+    """Move the finished folder `tmp` to `output_dir`, carrying over files already there (logs) that
+    the new folder does not replace. The old folder stays complete until the final rename."""
+    if os.path.isdir(output_dir):
+        for entry in os.listdir(output_dir):
+            if not os.path.exists(os.path.join(tmp, entry)):
+                os.replace(os.path.join(output_dir, entry), os.path.join(tmp, entry))
+        old = f"{output_dir}.old{os.getpid()}"
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+        os.replace(tmp, output_dir)
+
+
+def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, extra=None):
+    """Save `model` (a transformers PreTrainedModel, possibly wrapped in LoRA / ZeRO-3) as a Hugging
+    Face folder, plus json files (args.json, metrics.json, ...). Collective: call on every rank.
+    `extra(folder)` may add files before the folder is published."""
+    sd = state_dict if state_dict is not None else full_state_dict(model)
+    if rank() == 0:
+        tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        tokenizer.save_pretrained(tmp)
+        for fname, obj in (json_files or {}).items():
+            write_json(os.path.join(tmp, fname), obj)
+        if extra is not None:
+            extra(tmp)
+        publish_dir(tmp, output_dir)
+    barrier()
+
+
+def default_lora_module(model):
+    """The decoder-layer prefix of the family: "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or
+    "h." (GPT-2, GPT-J, GPT-Neo, BLOOM, CodeGen)."""
+    names = [n for n, _ in model.named_modules()]
+    return "layers." if any(".layers." in n or n.startswith("layers.") for n in names) else "h."
+
+
+# --------------------------------------------------------------------------------------------
+# Generation for evaluation: each rank answers its share of the prompts.
+def cut_at_eos(tokens, eos_id):
+    """Token list up to (not including) the first EOS."""
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def rank_batches(n, batch_size):
+    """This rank's share of range(n) as lists of indices, `batch_size` at a time. Every rank gets the
+    same number of batches, since ZeRO-3 ranks gather parameters together in each forward; a rank with
+    nothing left gets [] (callers run a dummy item and drop its result)."""
+    mine = list(range(rank(), n, world_size()))
+    calls = math.ceil(math.ceil(n / world_size()) / batch_size)
+    return [mine[c * batch_size:(c + 1) * batch_size] for c in range(calls)]
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, zero3):
+    """Greedy answers for this rank's share of `prompts` (lists of token ids) as {index: text}."""
+    import data
+    answers = {}
+    for idx in rank_batches(len(prompts), batch_size):
+        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tokenizer.pad_token_id)
+        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=zero3 and world_size() > 1)
+        width = batch["input_ids"].shape[1]
+        for i, row in zip(idx, out[:, width:].tolist()):
+            answers[i] = tokenizer.decode(cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
+    return answers
+
+
+# --------------------------------------------------------------------------------------------
+# The hybrid-engine toggle. DeepSpeed's hybrid engine switches the actor between ZeRO training and
+# fused inference kernels for generation; it needs a CUDA GPU and a DeepSpeed policy for the model
+# (there is none for OPT under transformers 5, where its generate fails). When it is unavailable we
+# fall back, with one warning, to gathering ZeRO-3 parameters once per rollout and calling generate.
+def hybrid_engine_config(max_out_tokens, inference_tp_size, release_inference_cache, pin_parameters, tp_gather_partition_size):
+    return {"enabled": True, "max_out_tokens": max_out_tokens, "inference_tp_size": inference_tp_size,
+            "release_inference_cache": release_inference_cache, "pin_parameters": pin_parameters,
+            "tp_gather_partition_size": tp_gather_partition_size}
+
+
+def probe_hybrid_engine(engine, tokenizer, device):
+    """True when `engine` (built with the hybrid engine) generates; else warns once and returns False."""
+    try:
+        ids = torch.tensor([[tokenizer.eos_token_id] * 2], device=device)
+        engine.eval()
+        engine.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
+        return True
+    except Exception as e:  # noqa: BLE001 -- any failure means: use the fallback path
+        print_rank0(f"warning: hybrid engine cannot generate for this model ({type(e).__name__}: {str(e)[:120]}); "
+                    f"falling back to ZeRO-gathered generate")
+        return False
+
+
+@contextlib.contextmanager
+def generation_model(engine, hybrid, zero3):
+    """The object to call .generate on for one rollout: the hybrid engine itself; or, under ZeRO-3,
+    the module with all parameters gathered once and ZeRO's per-module hooks removed (instead of one
+    all-gather per layer per token); or the plain module."""
+    if hybrid:
+        yield engine
+    elif zero3:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        with unwrap_model_for_generation(engine) as gathered:
+            yield gathered.module
+    else:
+        yield engine.module
+
+
+class CSVLog:
+    """Append-only per-step metrics (step, name, value rows) that plots and any tool can read."""
+
+    def __init__(self, path):
+        self.path = path if rank() == 0 else None
+        if self.path and not os.path.exists(self.path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(self.path, "w") as f:
+                f.write("step,name,value\n")
+
+    def write(self, step, metrics):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.writelines(f"{step},{k},{v}\n" for k, v in metrics.items())

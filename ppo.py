@@ -1,0 +1,735 @@
+"""Step 3: PPO with four models -- actor (trained), reference (frozen actor copy), critic (trained,
+initialised from the reward model) and reward model (frozen) -- as in InstructGPT sec. 3.5 and
+Ziegler et al. 2019, with DeepSpeed-Chat's flags and API (RLHFEngine, PPOTrainer).
+
+    # tiny CPU smoke run on the built-in demo, from the step-1 and step-2 outputs
+    python ppo.py --actor output/step1_sft --reward output/step2_reward --data_path builtin:sort --output_dir output/step3_ppo
+    # 1 GPU
+    deepspeed --num_gpus 1 ppo.py --actor out/sft --reward out/reward --data_path Dahoas/rm-static --dtype bf16 \
+        --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --max_answer_seq_len 256 --enable_hybrid_engine --output_dir out/ppo
+    # 8 GPUs, actor ZeRO-3, critic ZeRO-2
+    deepspeed --num_gpus 8 ppo.py --actor out/sft --reward out/reward --actor_zero_stage 3 --critic_zero_stage 2 ...
+
+Batch hierarchy, per rank (global = per rank x ranks):
+    rollout     = per_device_generation_batch_size x generation_batches prompts, one sampled response each
+    micro-batch = per_device_training_batch_size sequences of the rollout
+    optimizer step every gradient_accumulation_steps micro-batches; ppo_epochs passes over each rollout
+    one "step" below = one rollout and the PPO epochs on it
+
+Tensor names (B sequences, Tq query tokens left-padded, Tr response tokens):
+    query [B, Tq], response [B, Tr], mask [B, Tr] (1 up to and including the first EOS),
+    logprobs / ref_logprobs / values / rewards / advantages / returns [B, Tr], scores [B].
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+from common import UserError, print_rank0
+from reward import end_scores, load_reward_model, position_inputs, save_reward_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Step 3: PPO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--actor", "--actor_model_name_or_path", dest="actor", required=True, help="actor and reference init: step-1 output, hub name, folder or tiny:<type>")
+    a("--reward", "--reward_model_name_or_path", dest="reward", required=True, help="reward model: step-2 output")
+    a("--critic", "--critic_model_name_or_path", dest="critic", default=None, help="critic init (default: the reward model)")
+    a("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) whose phase-3 prompts are used")
+    a("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
+    a("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="where the tokenised cache lives")
+    a("--output_dir", required=True, help="actor/, critic/, actor_ema/, metrics.json, generations, checkpoints/")
+    a("--unsupervised_dataset_name", default=None, help="PPO-ptx: text dataset (hub name, local folder or a --data_path source) for the LM loss")
+    a("--unsupervised_dataset_config_name", default=None, help="its config name, e.g. wikitext-2-raw-v1")
+    a("--unsup_coef", type=float, default=27.8, help="PPO-ptx: weight of the unsupervised LM loss (InstructGPT's gamma)")
+    a("--per_device_generation_batch_size", type=int, default=64, help="prompts per generation batch per rank")
+    a("--generation_batches", type=int, default=1, help="generation batches per rollout")
+    a("--per_device_training_batch_size", type=int, default=32, help="sequences per PPO micro-batch per rank")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    a("--num_train_epochs", type=int, default=1, help="passes over the phase-3 prompts")
+    a("--max_steps", type=int, default=0, help="stop after this many rollouts (0: --num_train_epochs)")
+    a("--max_prompt_seq_len", type=int, default=256, help="longer prompts are dropped")
+    a("--max_answer_seq_len", type=int, default=64, help="tokens generated at most per response")
+    a("--actor_learning_rate", type=float, default=1e-4, help="actor peak learning rate")
+    a("--critic_learning_rate", type=float, default=1e-4, help="critic peak learning rate")
+    a("--actor_weight_decay", type=float, default=0.0, help="actor AdamW weight decay")
+    a("--critic_weight_decay", type=float, default=0.0, help="critic AdamW weight decay")
+    a("--lr_scheduler_type", default="constant", help="transformers scheduler name: constant, linear, cosine, ...")
+    a("--num_warmup_steps", type=int, default=0, help="linear warm-up optimizer steps")
+    a("--seed", type=int, default=1234, help="seed for the data split, prompt order and sampling")
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="precision; auto = bf16 on GPU, fp32 on CPU")
+    a("--actor_zero_stage", type=int, default=0, help="actor ZeRO stage 0-3 (the reference follows: 3 if 3 else 0)")
+    a("--critic_zero_stage", type=int, default=0, help="critic ZeRO stage 0-3 (the reward model follows: 3 if 3 else 0)")
+    a("--offload", action="store_true", help="ZeRO offload of actor and critic optimizer (and stage-3 parameters) to CPU")
+    a("--offload_reference_model", action="store_true", help="keep the reference model's parameters on CPU")
+    a("--offload_reward_model", action="store_true", help="keep the reward model's parameters on CPU")
+    a("--actor_gradient_checkpointing", action="store_true", help="recompute actor activations to save memory")
+    a("--critic_gradient_checkpointing", action="store_true", help="recompute critic activations to save memory")
+    a("--actor_dropout", type=float, default=0.0, help="actor dropout (off by default: it biases logprob ratios)")
+    a("--critic_dropout", type=float, default=0.0, help="critic dropout")
+    a("--actor_lora_dim", type=int, default=0, help="actor LoRA rank (0: off)")
+    a("--actor_lora_module_name", default=None, help="actor LoRA target name fragment (default: the family's decoder layers)")
+    a("--critic_lora_dim", type=int, default=0, help="critic LoRA rank (0: off)")
+    a("--critic_lora_module_name", default=None, help="critic LoRA target name fragment")
+    a("--only_optimize_lora", action="store_true", help="train only LoRA weights (and the critic's v_head)")
+    a("--actor_lora_learning_rate", type=float, default=5e-4, help="actor LoRA learning rate")
+    a("--critic_lora_learning_rate", type=float, default=5e-4, help="critic LoRA learning rate")
+    a("--enable_hybrid_engine", action="store_true", help="DeepSpeed hybrid engine for generation (falls back with a warning where it cannot run)")
+    a("--unpin_actor_parameters", action="store_true", help="hybrid engine: do not pin actor parameters")
+    a("--release_inference_cache", action="store_true", help="hybrid engine: free the inference cache after each generation")
+    a("--inference_tp_size", type=int, default=1, help="hybrid engine: tensor-parallel size for generation (needs actor ZeRO-3)")
+    a("--tp_gather_partition_size", type=int, default=8, help="hybrid engine: layers gathered at once for tensor parallelism")
+    a("--enable_ema", action="store_true", help="keep an exponential moving average of the actor, saved as actor_ema/")
+    a("--kl_coef", type=float, default=0.1, help="weight of the per-token KL penalty (initial value when --target_kl is set)")
+    a("--kl_estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate: k1 = log p - log p_ref, k3 = (r - 1) - log r")
+    a("--target_kl", type=float, default=None, help="adaptive KL controller target (Ziegler et al. 2019); off when unset")
+    a("--clip_reward_value", type=float, default=5.0, help="reward-model scores are clipped to +/- this")
+    a("--normalize_reward", action="store_true", help="standardise scores with the reward model's stored mean/std")
+    a("--missing_eos_penalty", type=float, default=1.0, help="subtracted from the score of responses that never emit EOS")
+    a("--whiten_rewards", action="store_true", help="whiten per-token rewards before GAE")
+    a("--cliprange", type=float, default=0.2, help="PPO policy ratio clip")
+    a("--cliprange_value", type=float, default=0.2, help="value prediction clip around the rollout values")
+    a("--gamma", type=float, default=1.0, help="discount")
+    a("--lam", type=float, default=0.95, help="GAE lambda")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (logprobs use the same)")
+    a("--top_p", type=float, default=1.0, help="nucleus sampling")
+    a("--top_k", type=int, default=0, help="top-k sampling (0: off)")
+    a("--eval_interval", type=int, default=0, help="evaluate every N steps (0: start and end only)")
+    a("--checkpoint_interval", type=int, default=0, help="save a resumable checkpoint every N steps (0: never)")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    a("--print_answers", action="store_true", help="print sample prompt/response/score rows at every step")
+    a("--print_answers_interval", type=int, default=20, help="print sample rows every N steps (0: never)")
+    a("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
+    a("--tensorboard_path", default="step3_tensorboard", help="tensorboard output folder")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Everything that can be wrong with the arguments, found before any model or data is loaded."""
+    common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage")
+    common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    common.check_dtype(args.dtype)
+    args.split = data.parse_split(args.data_split)
+    for path in args.data_path:
+        data.resolve_source(path)
+    for flag in ("per_device_generation_batch_size", "generation_batches", "per_device_training_batch_size",
+                 "gradient_accumulation_steps", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    rollout = args.per_device_generation_batch_size * args.generation_batches
+    micro = args.per_device_training_batch_size * args.gradient_accumulation_steps
+    if rollout % micro:
+        raise UserError(f"--per_device_generation_batch_size x --generation_batches ({rollout}) must be a multiple of "
+                        f"--per_device_training_batch_size x --gradient_accumulation_steps ({micro})")
+    if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
+        raise UserError("--inference_tp_size > 1 needs --actor_zero_stage 3 (the hybrid engine splits ZeRO-3 shards)")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature {args.temperature}: must be > 0")
+    if args.only_optimize_lora and not (args.actor_lora_dim or args.critic_lora_dim):
+        raise UserError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
+    if args.resume and not latest_checkpoint(args.output_dir):
+        raise UserError(f"--resume: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
+    common.check_output_dir(args.output_dir)
+    args.critic = args.critic or args.reward
+    common.check_model_path(args.actor, "--actor")
+    common.check_model_path(args.reward, "--reward")
+    common.check_model_path(args.critic, "--critic")
+
+
+# --------------------------------------------------------------------------------------------
+# The formulas. Tensors in, tensors out; tests import these directly.
+def logprobs_from_logits(logits, labels, temperature=1.0):
+    """log pi(label) under softmax(logits / temperature), in fp32. logits [B, T, V], labels [B, T] -> [B, T]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of softmax(logits / temperature) per position: [B, T, V] -> [B, T]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(x, mask, dim=None):
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum() if dim is None else (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x, mask, unbiased=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased and n > 1 else var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over masked entries; shift_mean=False keeps the mean (for rewards). Zero off-mask."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def response_mask(response, eos_id):
+    """1 on response tokens up to and including the first EOS, 0 after it: [B, Tr] -> [B, Tr].
+    The EOS is an action too, so the policy learns when to stop."""
+    is_eos = (response == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token KL(pi || pi_ref) estimate from samples of pi (Schulman, "Approximating KL divergence").
+    k1 = log p - log p_ref (unbiased, can be negative); k3 = (r - 1) - log r, r = p_ref / p (>= 0)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    return log_ratio
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, clip_reward_value, estimator="k1"):
+    """InstructGPT eq. 2 per token: r_t = -kl_coef * KL_t, plus the clipped reward-model score at the
+    last response token (the EOS, or the last token when truncated) -- not one position later.
+    scores [B]; logprobs, ref_logprobs, mask [B, Tr] -> rewards [B, Tr], kl [B, Tr]."""
+    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    last = data.last_token_index(mask)
+    rewards[torch.arange(len(scores)), last] += scores.clamp(-clip_reward_value, clip_reward_value)
+    return rewards * mask, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+    Values and rewards after the end are zeroed, so the last real token bootstraps from 0.
+    rewards, values, mask: [B, Tr] -> advantages, returns [B, Tr]; returns = advantages + values."""
+    values, rewards = values * mask, rewards * mask
+    last_gae, out = torch.zeros_like(rewards[:, 0]), []
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        out.append(last_gae)
+    advantages = torch.stack(out[::-1], 1) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). All [B, Tr].
+    Returns loss, clipfrac (share of tokens where the clip is active), approx_kl (0.5 * E[log-ratio^2])."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    loss1 = -advantages * ratio
+    loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.max(loss1, loss2), mask)
+    clipfrac = masked_mean((loss2 > loss1).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss: 0.5 * mean of max((V - R)^2, (clip(V, V_old +/- eps) - R)^2). All [B, Tr].
+    Returns loss, clipfrac."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    err1, err2 = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(err1, err2), mask), masked_mean((err2 > err1).float(), mask)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
+    return (1 - masked_var(returns - values, mask) / (masked_var(returns, mask) + 1e-8)).item()
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, sec. 2.2: move kl_coef so the observed KL tracks `target`.
+    e_t = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e_t * n / horizon)."""
+
+    def __init__(self, kl_coef, target=None, horizon=10000):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl, n_samples):
+        if self.target:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_samples / self.horizon
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: written beside, then renamed; `latest` names the newest complete one.
+def latest_checkpoint(output_dir):
+    pointer = os.path.join(output_dir, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    path = os.path.join(output_dir, "checkpoints", open(pointer).read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def rng_state():
+    import random
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    import random
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+class RLHFEngine:
+    """DeepSpeed-Chat's DeepSpeedRLHFEngine: four DeepSpeed engines. The actor and critic are trained,
+    each with its own ZeRO stage; the reference and reward models are frozen inference engines, ZeRO-3
+    sharded when their trained counterpart is ZeRO-3, optionally offloaded to CPU."""
+
+    def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
+        self.args, self.tokenizer, self.device = args, tokenizer, device or torch.device("cpu")
+        self.total_updates = total_updates
+        self.actor = self._init_actor(actor)
+        self.ref = self._frozen(common.load_model(actor, tokenizer, dropout=0.0), 3 if args.actor_zero_stage == 3 else 0,
+                                args.offload_reference_model)
+        self.critic = self._init_critic(critic)
+        reward_model, self.reward_stats = load_reward_model(reward, tokenizer, dropout=0.0)
+        self.reward = self._frozen(reward_model, 3 if args.critic_zero_stage == 3 else 0, args.offload_reward_model)
+        self.ema = EMA(self.actor.module) if args.enable_ema else None
+
+    def _train_cfg(self, stage):
+        a = self.args
+        return common.ds_config(stage, a.dtype, a.per_device_training_batch_size, a.gradient_accumulation_steps, a.offload,
+                                tensorboard=(a.tensorboard_path, "step3_ppo") if a.enable_tensorboard else None)
+
+    def _engine(self, model, cfg, lr, weight_decay, lora_lr):
+        import deepspeed
+        from transformers import get_scheduler
+        optimizer = common.make_optimizer(model, lr, weight_decay, lora_lr, self.args.offload)
+        scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer, self.args.num_warmup_steps, self.total_updates)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+        return engine
+
+    def _init_actor(self, path):
+        a = self.args
+        cfg = self._train_cfg(a.actor_zero_stage)
+        self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available()
+        if a.enable_hybrid_engine and not self.hybrid:
+            print_rank0("warning: the hybrid engine needs a CUDA GPU; falling back to ZeRO-gathered generate")
+        if self.hybrid:
+            cfg["hybrid_engine"] = common.hybrid_engine_config(a.max_prompt_seq_len + a.max_answer_seq_len, a.inference_tp_size,
+                                                               a.release_inference_cache, not a.unpin_actor_parameters, a.tp_gather_partition_size)
+        model = common.load_model(path, self.tokenizer, dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg)
+        if a.actor_lora_dim:
+            common.convert_to_lora(model, a.actor_lora_module_name or common.default_lora_module(model), a.actor_lora_dim, "--actor_lora_module_name")
+            if a.only_optimize_lora:
+                common.only_optimize_lora(model)
+        if a.actor_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        engine = self._engine(model, cfg, a.actor_learning_rate, a.actor_weight_decay, a.actor_lora_learning_rate)
+        if self.hybrid:
+            self.hybrid = common.probe_hybrid_engine(engine, self.tokenizer, self.device)
+        return engine
+
+    def _init_critic(self, path):
+        a = self.args
+        cfg = self._train_cfg(a.critic_zero_stage)
+        model, _ = load_reward_model(path, self.tokenizer, dropout=a.critic_dropout, zero_stage=a.critic_zero_stage, ds_cfg=cfg)
+        if a.critic_lora_dim:
+            common.convert_to_lora(model.backbone, a.critic_lora_module_name or common.default_lora_module(model.backbone),
+                                   a.critic_lora_dim, "--critic_lora_module_name")
+            if a.only_optimize_lora:
+                common.only_optimize_lora(model.backbone)
+        if a.critic_gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable()
+        return self._engine(model, cfg, a.critic_learning_rate, a.critic_weight_decay, a.critic_lora_learning_rate)
+
+    def _frozen(self, model, stage, offload):
+        import deepspeed
+        model.requires_grad_(False)
+        cfg = common.ds_config(stage, self.args.dtype, self.args.per_device_training_batch_size, offload=offload, train=False)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine.eval()
+        return engine
+
+
+class EMA:
+    """Exponential moving average of the actor's parameters, kept in fp32 on rank 0's CPU
+    (DeepSpeed-Chat's --enable_ema, beta 0.992). Collective under ZeRO-3: call on every rank."""
+
+    def __init__(self, module, beta=0.992):
+        self.beta = beta
+        params = common.gather_params(module)
+        self.shadow = None if params is None else {k: v.float() for k, v in params.items()}
+
+    def update(self, module):
+        params = common.gather_params(module)
+        if params is not None:
+            for k, v in params.items():
+                self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
+
+    def state_dict(self, module):
+        """Saveable weights (rank 0; None elsewhere), cast back to the model's dtypes, LoRA fused."""
+        if self.shadow is None:
+            return None
+        dtypes = {n: p.dtype for n, p in module.named_parameters()}
+        return common.state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
+
+
+# --------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """DeepSpeed-Chat's DeepSpeedPPOTrainer: generate_experience(prompt_batch) -> exp (rollout with
+    rewards, advantages and returns); train_rlhf(exp) -> (actor_loss, critic_loss) for one micro-batch."""
+
+    def __init__(self, engine, args):
+        self.engine, self.args = engine, args
+        self.tokenizer, self.device = engine.tokenizer, engine.device
+        self.kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl)
+        self.stats = {}
+
+    def _actor_logits(self, engine, seq, attn, query_len):
+        """Logits that predict each response token: [B, Tr, V]."""
+        pos = position_inputs(engine.module, attn)
+        return engine(input_ids=seq, attention_mask=attn, use_cache=False, **pos).logits[:, query_len - 1:-1]
+
+    @torch.no_grad()
+    def sample(self, query, query_mask, greedy=False):
+        """Responses for left-padded queries [B, Tq]: (response [B, Tr] with PAD after the first EOS, mask [B, Tr])."""
+        a, e, tok = self.args, self.engine, self.tokenizer
+        e.actor.eval()
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k}
+        with common.generation_model(e.actor, e.hybrid, a.actor_zero_stage == 3) as model:
+            out = model.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=a.max_answer_seq_len,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 synced_gpus=False, **sampling)
+        response = out[:, query.shape[1]:]
+        if response.shape[1] == 0:  # generate returned nothing new
+            response = torch.full_like(query[:, :1], tok.eos_token_id)
+        mask = response_mask(response, tok.eos_token_id)
+        return response.masked_fill(mask == 0, tok.pad_token_id), mask
+
+    @torch.no_grad()
+    def score(self, query, query_mask, response, mask):
+        """logprobs, ref_logprobs, values [B, Tr], entropy [B, Tr], raw reward-model scores [B]."""
+        a, e = self.args, self.engine
+        seq, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
+        tq = query.shape[1]
+        logits = self._actor_logits(e.actor, seq, attn, tq)
+        logprobs = logprobs_from_logits(logits, response, a.temperature)
+        entropy = entropy_from_logits(logits, a.temperature)
+        ref_logprobs = logprobs_from_logits(self._actor_logits(e.ref, seq, attn, tq), response, a.temperature)
+        e.critic.eval()
+        values = e.critic(seq, attn)[:, tq - 1:-1] * mask
+        scores = end_scores(e.reward(seq, attn), attn)
+        return logprobs, ref_logprobs, values, entropy, scores
+
+    @torch.no_grad()
+    def generate_experience(self, prompt_batch):
+        """One rollout on a batch of left-padded prompts {input_ids, attention_mask}: sample responses,
+        score them with all four models, and compute rewards, advantages and returns."""
+        a, tok = self.args, self.tokenizer
+        query, query_mask = prompt_batch["input_ids"].to(self.device), prompt_batch["attention_mask"].to(self.device)
+        t0 = time.time()
+        response, mask = self.sample(query, query_mask)
+        gen_seconds = time.time() - t0
+        logprobs, ref_logprobs, values, entropy, raw_scores = self.score(query, query_mask, response, mask)
+        has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
+        scores = raw_scores
+        if a.normalize_reward and self.engine.reward_stats:
+            scores = (scores - self.engine.reward_stats["score_mean"]) / max(self.engine.reward_stats["score_std"], 1e-6)
+        scores = scores - a.missing_eos_penalty * (~has_eos).float()
+        rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, a.clip_reward_value, a.kl_estimator)
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
+        advantages = masked_whiten(advantages, mask)
+        return {"query": query, "query_mask": query_mask, "response": response, "mask": mask, "logprobs": logprobs,
+                "ref_logprobs": ref_logprobs, "values": values, "rewards": rewards, "advantages": advantages,
+                "returns": returns, "scores": raw_scores, "kl": kl.sum(1), "entropy": masked_mean(entropy, mask).item(),
+                "has_eos": has_eos, "gen_seconds": gen_seconds}
+
+    def train_rlhf(self, exp, ptx_batch=None):
+        """One PPO micro-batch: clipped policy loss (+ unsup_coef x LM loss with PPO-ptx) for the actor,
+        clipped value loss for the critic. Returns (actor_loss, critic_loss)."""
+        a, e = self.args, self.engine
+        seq = torch.cat([exp["query"], exp["response"]], 1)
+        attn = torch.cat([exp["query_mask"], exp["mask"]], 1)
+        tq = exp["query"].shape[1]
+        e.actor.train()
+        logprobs = logprobs_from_logits(self._actor_logits(e.actor, seq, attn, tq), exp["response"], a.temperature)
+        actor_loss, clipfrac, approx_kl = policy_loss(logprobs, exp["logprobs"], exp["advantages"], exp["mask"], a.cliprange)
+        loss = actor_loss
+        if ptx_batch is not None:
+            ptx_loss = e.actor(input_ids=ptx_batch, labels=ptx_batch, use_cache=False).loss
+            loss = loss + a.unsup_coef * ptx_loss
+            self.stats["ptx_loss"] = ptx_loss.item()
+        boundary = e.actor.is_gradient_accumulation_boundary()  # read before step() advances the counter
+        e.actor.backward(loss)
+        e.actor.step()
+        if e.ema is not None and boundary:
+            e.ema.update(e.actor.module)
+        e.critic.train()
+        values = e.critic(seq, attn)[:, tq - 1:-1]
+        critic_loss, vf_clipfrac = value_loss(values, exp["values"], exp["returns"], exp["mask"], a.cliprange_value)
+        e.critic.backward(critic_loss)
+        e.critic.step()
+        self.stats.update(clipfrac=clipfrac.item(), approx_kl=approx_kl.item(), vf_clipfrac=vf_clipfrac.item(),
+                          explained_var=explained_variance(exp["values"], exp["returns"], exp["mask"]))
+        return actor_loss, critic_loss
+
+
+# --------------------------------------------------------------------------------------------
+def build_prompts(args, tokenizer):
+    """Phase-3 prompts (train, eval) as lists of token ids; prompts over --max_prompt_seq_len are dropped."""
+    rows = data.phase_rows(args.data_path, args.split, 3, args.seed)
+    out = {}
+    for part, part_rows in rows.items():
+        ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
+        keep = [i for i, x in enumerate(ids) if len(x) <= args.max_prompt_seq_len]
+        if len(keep) < len(ids):
+            print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
+        if not keep:
+            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts left after --max_prompt_seq_len {args.max_prompt_seq_len}")
+        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
+    return out["train"], out["eval"]
+
+
+def build_ptx(args, tokenizer):
+    """PPO-ptx data: the unsupervised texts cut into blocks of prompt + answer length: [N, L]."""
+    name, block = args.unsupervised_dataset_name, args.max_prompt_seq_len + args.max_answer_seq_len
+    try:
+        key = data.resolve_source(name)
+    except UserError:
+        key = None
+    if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
+        texts = [r["prompt"] + r["chosen"] for r in data.phase_rows([name], args.split, 3, args.seed)["train"]]
+    else:
+        import datasets
+        try:
+            texts = datasets.load_dataset(name, args.unsupervised_dataset_config_name, split="train")["text"]
+        except Exception as e:  # noqa: BLE001 -- any loading failure is a bad flag value
+            raise UserError(f"--unsupervised_dataset_name {name}: cannot load ({type(e).__name__}: {str(e)[:120]})") from None
+    ids = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // block
+    if n == 0:
+        raise UserError(f"--unsupervised_dataset_name {name}: fewer than {block} tokens of text")
+    return torch.tensor(ids[:n * block]).view(n, block)
+
+
+@torch.no_grad()
+def evaluate(trainer, prompts, texts, checker):
+    """Greedy answers to held-out prompts: mean reward-model score, KL to the reference (summed over
+    response tokens), response length, EOS rate, and ground-truth accuracy when a checker exists.
+    Returns (metrics, records); records (rank 0) hold prompt, response, score (and correct)."""
+    import torch.distributed as dist
+    a, tok = trainer.args, trainer.tokenizer
+    sums, records = [0.0] * 6, []
+    for idx in common.rank_batches(len(prompts), a.per_device_generation_batch_size):
+        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tok.pad_token_id)
+        query, query_mask = batch["input_ids"].to(trainer.device), batch["attention_mask"].to(trainer.device)
+        response, mask = trainer.sample(query, query_mask, greedy=True)
+        logprobs, ref_logprobs, _, _, scores = trainer.score(query, query_mask, response, mask)
+        kl = (kl_penalty(logprobs, ref_logprobs) * mask).sum(1)
+        has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
+        for j, i in enumerate(idx):
+            text = tok.decode(common.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
+            rec = {"prompt": texts[i], "response": text, "score": scores[j].item(), "kl": kl[j].item()}
+            if checker is not None:
+                rec["correct"] = bool(checker(texts[i], text))
+            records.append(rec)
+            sums = [s + v for s, v in zip(sums, [rec["score"], rec["kl"], mask[j].sum().item(), has_eos[j].item(),
+                                                  rec.get("correct", 0), 1])]
+    score, kl, length, eos, correct, n = common.all_reduce_sum(sums, trainer.device)
+    metrics = {"eval_reward": score / n, "eval_kl": kl / n, "eval_response_length": length / n, "eval_eos_rate": eos / n}
+    if checker is not None:
+        metrics["eval_accuracy"] = correct / n
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return metrics, records
+
+
+def write_jsonl(path, records):
+    if common.rank() == 0:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+
+
+def save_checkpoint(engine, trainer, args, step, state):
+    """Resumable state after `step` rollouts: both engines (weights, optimizer, scheduler), EMA, each
+    rank's RNG and our counters. Written to a temporary folder, renamed, then `latest` updated."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    name, tmp = f"step_{step}", os.path.join(root, f".tmp_step_{step}")
+    if common.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    common.barrier()
+    engine.actor.save_checkpoint(tmp, tag="actor")
+    engine.critic.save_checkpoint(tmp, tag="critic")
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{common.rank()}.pt"))
+    if engine.ema is not None and common.rank() == 0:
+        torch.save(engine.ema.shadow, os.path.join(tmp, "ema.pt"))
+    common.barrier()
+    if common.rank() == 0:
+        common.write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "kl_coef": trainer.kl_ctl.value})
+        os.replace(tmp, os.path.join(root, name))
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        for old in os.listdir(root):  # keep only the newest complete checkpoint
+            if old.startswith("step_") and old != name:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    common.barrier()
+
+
+def load_checkpoint(engine, trainer, args):
+    path = latest_checkpoint(args.output_dir)
+    engine.actor.load_checkpoint(path, tag="actor")
+    engine.critic.load_checkpoint(path, tag="critic")
+    state = json.load(open(os.path.join(path, "state.json")))
+    set_rng_state(torch.load(os.path.join(path, f"rng_rank{common.rank()}.pt"), weights_only=False))
+    if engine.ema is not None and engine.ema.shadow is not None:
+        engine.ema.shadow = torch.load(os.path.join(path, "ema.pt"))
+    trainer.kl_ctl.value = state["kl_coef"]
+    print_rank0(f"resumed from {path} after step {state['step']}")
+    return state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.init_distributed()
+    common.set_seed(args.seed)
+    tokenizer = common.load_tokenizer(args.actor)
+
+    # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
+    (train_prompts, _), (eval_prompts, eval_texts) = build_prompts(args, tokenizer)
+    ptx = build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
+    checker = data.checker_for(args.data_path)
+
+    # ---- batch hierarchy (see the module docstring)
+    world = common.world_size()
+    gen_bs, train_bs = args.per_device_generation_batch_size, args.per_device_training_batch_size
+    rollout = gen_bs * args.generation_batches
+    updates_per_step = args.ppo_epochs * (rollout // train_bs) // args.gradient_accumulation_steps
+    steps_per_epoch = len(train_prompts) // (rollout * world)
+    if steps_per_epoch == 0:
+        raise UserError(f"--data_path: {len(train_prompts)} phase-3 prompts are fewer than one rollout of {rollout * world}")
+    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    print_rank0(f"ppo: actor {args.actor}, critic {args.critic}, reward {args.reward}; {len(train_prompts)} train / "
+                f"{len(eval_prompts)} eval prompts; rollout {gen_bs} x {args.generation_batches} per rank x {world} ranks = "
+                f"{rollout * world} sequences; micro-batch {train_bs} x accum {args.gradient_accumulation_steps}; "
+                f"{args.ppo_epochs} PPO epochs = {updates_per_step} updates per step; {total_steps} steps; "
+                f"zero actor {args.actor_zero_stage} / critic {args.critic_zero_stage}; {args.dtype}")
+
+    # ---- models: four engines
+    engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, total_steps * updates_per_step, device)
+    trainer = PPOTrainer(engine, args)
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
+    state = {"metrics_start": None}
+    first = 0
+    if args.resume:
+        state = load_checkpoint(engine, trainer, args)
+        first = state["step"]
+    if state["metrics_start"] is None:
+        start, records = evaluate(trainer, eval_prompts, eval_texts, checker)
+        state["metrics_start"] = {f"{k}_start": v for k, v in start.items()}
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_jsonl(os.path.join(args.output_dir, "eval_generations_start.jsonl"), records)
+    print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in state["metrics_start"].items()))
+
+    # ---- loop: one step = one rollout of fresh samples + ppo_epochs passes over it
+    t_start = time.time()
+    for step in range(first, total_steps):
+        t0 = time.time()
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed + epoch))
+        mine = order[within * rollout * world:(within + 1) * rollout * world][common.rank()::world].tolist()
+        exps = []
+        for g in range(args.generation_batches):
+            batch = data.collate_prompts([{"prompt_ids": train_prompts[i]} for i in mine[g * gen_bs:(g + 1) * gen_bs]], tokenizer.pad_token_id)
+            exps.append(trainer.generate_experience(batch))
+        gen_seconds = sum(x["gen_seconds"] for x in exps)
+        t1 = time.time()
+        actor_losses, critic_losses, stats = [], [], []
+        for _ in range(args.ppo_epochs):
+            for exp in exps:  # micro-batches in a fresh random order each PPO epoch
+                for idx in torch.randperm(gen_bs).view(-1, train_bs):
+                    mb = {k: v[idx] for k, v in exp.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == gen_bs}
+                    ptx_batch = None
+                    if ptx is not None:
+                        ptx_batch = ptx[torch.randint(len(ptx), (train_bs,))].to(device)
+                    actor_loss, critic_loss = trainer.train_rlhf(mb, ptx_batch)
+                    actor_losses.append(actor_loss.item())
+                    critic_losses.append(critic_loss.item())
+                    stats.append(dict(trainer.stats))
+        train_seconds = time.time() - t1
+        scores = torch.cat([x["scores"] for x in exps])
+        kl = torch.cat([x["kl"] for x in exps])
+        length = torch.cat([x["mask"].sum(1) for x in exps]).float()
+        eos = torch.cat([x["has_eos"] for x in exps]).float()
+        m = {"reward": scores.mean().item(), "kl": kl.mean().item(), "entropy": sum(x["entropy"] for x in exps) / len(exps),
+             "response_length": length.mean().item(), "eos_rate": eos.mean().item(),
+             "actor_loss": sum(actor_losses) / len(actor_losses), "critic_loss": sum(critic_losses) / len(critic_losses),
+             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, "kl_coef": trainer.kl_ctl.value}
+        keys = sorted(m)
+        m = dict(zip(keys, [v / world for v in common.all_reduce_sum([m[k] for k in keys], device)]))
+        trainer.kl_ctl.update(m["kl"], rollout * world)
+        m.update(gen_seconds=gen_seconds, train_seconds=train_seconds, samples_per_s=rollout * world / (time.time() - t0))
+        log.write(step + 1, m)
+        if engine.actor.monitor.enabled:
+            engine.actor.monitor.write_events([(f"ppo/{k}", v, step + 1) for k, v in m.items()])
+        print_rank0(f"step {step + 1}/{total_steps} | reward {m['reward']:.3f} | kl {m['kl']:.3f} | ent {m['entropy']:.3f} | "
+                    f"len {m['response_length']:.1f} | eos {m['eos_rate']:.2f} | clipfrac {m['clipfrac']:.3f} | "
+                    f"approx_kl {m['approx_kl']:.4f} | vf_loss {m['critic_loss']:.4f} | vf_clip {m['vf_clipfrac']:.3f} | "
+                    f"ev {m['explained_var']:.3f} | gen {gen_seconds:.1f}s train {train_seconds:.1f}s | {m['samples_per_s']:.1f} samples/s")
+        if args.print_answers or (args.print_answers_interval and (step + 1) % args.print_answers_interval == 0):
+            x = exps[0]
+            for j in range(min(3, gen_bs)):
+                q = tokenizer.decode(x["query"][j][x["query_mask"][j] == 1])
+                r = tokenizer.decode(common.cut_at_eos(x["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+                print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {x['scores'][j].item():+.2f}")
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < total_steps:
+            mid, _ = evaluate(trainer, eval_prompts, eval_texts, checker)
+            log.write(step + 1, mid)
+            print_rank0(f"eval step {step + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
+        if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0 and step + 1 < total_steps:
+            save_checkpoint(engine, trainer, args, step + 1, state)
+
+    # ---- final eval and save: actor (+ EMA) as HF causal-LM folders, critic as a reward-model folder
+    metrics = dict(state["metrics_start"])
+    end, records = evaluate(trainer, eval_prompts, eval_texts, checker)
+    metrics.update(end, train_seconds=time.time() - t_start, steps=total_steps)
+    log.write(total_steps, end)
+    print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()))
+    write_jsonl(os.path.join(args.output_dir, "eval_generations.jsonl"), records)
+    saved_args = {k: v for k, v in vars(args).items() if k != "split"}
+    common.save_hf(engine.actor.module, tokenizer, os.path.join(args.output_dir, "actor"), json_files={"args.json": saved_args})
+    if engine.ema is not None:
+        common.save_hf(engine.actor.module, tokenizer, os.path.join(args.output_dir, "actor_ema"),
+                       state_dict=engine.ema.state_dict(engine.actor.module), json_files={"args.json": saved_args})
+    save_reward_model(engine.critic.module, tokenizer, os.path.join(args.output_dir, "critic"), {"args.json": saved_args})
+    if common.rank() == 0:
+        common.write_json(os.path.join(args.output_dir, "args.json"), saved_args)
+        common.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    print_rank0(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

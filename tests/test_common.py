@@ -1,0 +1,110 @@
+import copy
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import common
+from common import UserError
+
+
+def _model(family):
+    tok = common.load_tokenizer(f"tiny:{family}")
+    return common.load_model(f"tiny:{family}", tok), tok
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])  # Conv1D and nn.Linear
+def test_lora_fused_equals_unfused_and_saved_weights_match(family, tmp_path):
+    torch.manual_seed(0)
+    model, tok = _model(family)
+    model.eval()
+    common.convert_to_lora(model, common.default_lora_module(model), lora_dim=4)
+    for layer in common.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_left_weight, std=0.5)  # a non-zero update (init is zero)
+    x = torch.randint(2, 200, (2, 12))
+    with torch.no_grad():
+        unfused = model(x).logits
+        for layer in common.lora_layers(model):
+            layer.fuse_lora_weight()
+        fused = model(x).logits
+        for layer in common.lora_layers(model):
+            layer.unfuse_lora_weight()
+        again = model(x).logits
+    assert torch.allclose(unfused, fused, atol=1e-4)
+    assert torch.allclose(unfused, again, atol=1e-5)
+    plain, _ = _model(family)
+    assert not torch.allclose(plain.eval()(x).logits, unfused, atol=1e-3)  # LoRA changed the function
+    common.save_hf(model, tok, str(tmp_path / "out"), json_files={"args.json": {"a": 1}})
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert not any("lora" in k for k in reloaded.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, unfused, atol=1e-4)
+    assert json.load(open(tmp_path / "out" / "args.json")) == {"a": 1}
+
+
+def test_lora_module_name_matching_nothing_is_refused():
+    model, _ = _model("gpt2")
+    with pytest.raises(UserError, match="--lora_module_name 'nothing_like_this': matches no linear layer"):
+        common.convert_to_lora(model, "nothing_like_this", 4)
+
+
+def test_only_optimize_lora_freezes_the_rest():
+    model, _ = _model("opt")
+    common.only_optimize_lora(common.convert_to_lora(model, "layers.", 2))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_save_replaces_folder_and_keeps_other_files(tmp_path):
+    model, tok = _model("gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.log").write_text("log")
+    (out / "model.safetensors").write_text("stale")
+    common.save_hf(model, tok, str(out))
+    assert (out / "train.log").read_text() == "log"
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert not [p for p in os.listdir(tmp_path) if p != "out"]  # no temporary folders left behind
+
+
+def test_reload_generates_the_same_text(tmp_path):
+    model, tok = _model("llama")
+    torch.manual_seed(3)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)  # a random model that says something other than EOS
+    prompt = tok("Human: sort: c a b\n\nAssistant:", return_tensors="pt")
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    before = model.generate(**prompt, **kw)
+    common.save_hf(model, tok, str(tmp_path / "m"))
+    model2 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    after = model2.generate(**tok2("Human: sort: c a b\n\nAssistant:", return_tensors="pt"), **kw)
+    assert before.shape[1] > prompt["input_ids"].shape[1]
+    assert tok.decode(before[0]) == tok2.decode(after[0])
+
+
+def test_fp16_without_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="--dtype fp16 needs a GPU.*bf16 or fp32"):
+        common.check_dtype("fp16")
+
+
+def test_bad_model_paths_are_refused(tmp_path):
+    with pytest.raises(UserError, match="--model_name_or_path /no/such/model: no such model folder"):
+        common.check_model_path("/no/such/model")
+    with pytest.raises(UserError, match="no config.json"):
+        common.check_model_path(str(tmp_path))
+    with pytest.raises(UserError, match="unknown tiny model type"):
+        common.check_model_path("tiny:nonsense")
+
+
+def test_ds_config_batch_hierarchy_and_offload():
+    cfg = common.ds_config(3, "bf16", micro_batch=4, grad_accum=2, offload=True)
+    assert cfg["train_batch_size"] == 4 * 2 * common.world_size()
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert common.ds_config(2, "fp32", 4, offload=True)["zero_optimization"]["offload_param"]["device"] == "none"

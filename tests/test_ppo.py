@@ -1,0 +1,96 @@
+"""Step 3 end to end on tiny models, as subprocesses exactly as a user runs them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, run_stage
+
+TINY = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "8",
+        "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8", "--data_split", "8,1,1"]
+
+
+def _metrics(out):
+    return json.load(open(os.path.join(out, "metrics.json")))
+
+
+def test_ppo_runs_and_writes_everything(tmp_path):
+    out = str(tmp_path / "ppo")
+    proc = run_stage(["ppo.py", *TINY, "--max_steps", "3", "--enable_ema", "--print_answers_interval", "3",
+                      "--output_dir", out])
+    assert "step 3/3 | reward" in proc.stdout and "score" in proc.stdout
+    m = _metrics(out)
+    for key in ("eval_accuracy_start", "eval_accuracy", "eval_reward_start", "eval_reward", "eval_kl_start", "eval_kl",
+                "eval_response_length", "eval_eos_rate", "train_seconds"):
+        assert key in m, key
+    assert m["eval_kl_start"] == pytest.approx(0.0, abs=1e-5)  # the actor starts as the reference
+    rows = [json.loads(l) for l in open(os.path.join(out, "eval_generations.jsonl"))]
+    assert rows and set(rows[0]) >= {"prompt", "response", "score", "correct"}
+    for folder in ("actor", "actor_ema", "critic"):
+        assert os.path.isfile(os.path.join(out, folder, "config.json")), folder
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor"))
+    log = open(os.path.join(out, "log.csv")).read().splitlines()
+    assert log[0] == "step,name,value" and any(l.startswith("3,reward,") for l in log)
+
+
+def test_two_ranks_actor_zero3_critic_zero2(tmp_path):
+    out = str(tmp_path / "ppo")
+    proc = run_stage(["ppo.py", *TINY, "--max_steps", "2", "--actor_zero_stage", "3", "--critic_zero_stage", "2",
+                      "--output_dir", out], launcher=2)
+    assert "x 2 ranks = 16 sequences" in proc.stdout and "step 2/2" in proc.stdout
+    assert _metrics(out)["eval_kl_start"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_hybrid_engine_on_cpu_falls_back_with_same_results(tmp_path):
+    plain, hybrid = str(tmp_path / "plain"), str(tmp_path / "hybrid")
+    run_stage(["ppo.py", *TINY, "--max_steps", "2", "--output_dir", plain])
+    proc = run_stage(["ppo.py", *TINY, "--max_steps", "2", "--enable_hybrid_engine", "--output_dir", hybrid])
+    assert "warning: the hybrid engine needs a CUDA GPU; falling back" in proc.stdout
+    a, b = _metrics(plain), _metrics(hybrid)
+    a.pop("train_seconds"), b.pop("train_seconds")
+    assert a == b
+
+
+def test_kill_and_resume_gives_the_same_metrics(tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    args = [*TINY, "--max_steps", "6", "--checkpoint_interval", "2"]
+    run_stage(["ppo.py", *args, "--output_dir", full])
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo.py"), *args, "--output_dir", killed],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pointer = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.time() + 300
+    while not (os.path.exists(pointer) and open(pointer).read().strip() == "step_4") and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
+    resumed = run_stage(["ppo.py", *args, "--output_dir", killed, "--resume"])
+    assert "resumed from" in resumed.stdout and "after step 4" in resumed.stdout
+    assert "step 5/6" in resumed.stdout and "step 1/6" not in resumed.stdout
+    a, b = _metrics(full), _metrics(killed)
+    a.pop("train_seconds"), b.pop("train_seconds")
+    assert a == b
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+    proc = run_stage(["ppo.py", *TINY, "--resume", "--output_dir", str(tmp_path / "nothing")], check=False)
+    assert_one_line_error(proc, "--resume", "no checkpoint")
+
+
+def test_batch_sizes_that_do_not_divide_are_one_line(tmp_path):
+    proc = run_stage(["ppo.py", *TINY[:4], "--per_device_generation_batch_size", "6", "--per_device_training_batch_size", "4",
+                      "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--per_device_generation_batch_size", "--per_device_training_batch_size")
+
+
+def test_inference_tp_without_zero3_is_one_line(tmp_path):
+    proc = run_stage(["ppo.py", *TINY, "--inference_tp_size", "2", "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--inference_tp_size", "--actor_zero_stage 3")

@@ -1,0 +1,133 @@
+"""The PPO formulas of ppo.py against hand computations and naive loops."""
+import math
+
+import pytest
+import torch
+
+import data
+from ppo import (AdaptiveKLController, compute_rewards, gae, kl_penalty, logprobs_from_logits, masked_mean,
+                 masked_whiten, policy_loss, response_mask, value_loss)
+
+EOS, PAD = 1, 0
+
+
+def naive_gae(rewards, values, length, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, V_length = 0."""
+    adv = []
+    for t in range(length):
+        total = 0.0
+        for l in range(length - t):
+            k = t + l
+            next_v = values[k + 1] if k + 1 < length else 0.0
+            total += (gamma * lam) ** l * (rewards[k] + gamma * next_v - values[k])
+        adv.append(total)
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_matches_naive_loop(gamma, lam):
+    torch.manual_seed(0)
+    lengths = [5, 1, 3]
+    mask = data.pad([[1] * n for n in lengths], 0).float()
+    rewards, values = torch.randn(mask.shape), torch.randn(mask.shape)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        expected = naive_gae(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        assert adv[b, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert ret[b, :n].tolist() == pytest.approx([a + v for a, v in zip(expected, values[b, :n].tolist())], abs=1e-5)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_masked_mean_and_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    w = masked_whiten(x, mask)
+    vals = w[mask.bool()]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert vals.std().item() == pytest.approx(1.0, abs=1e-4)  # unbiased variance, as whitened
+    assert (w[~mask.bool()] == 0).all()
+    kept = masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert kept.mean().item() == pytest.approx(3.0, abs=1e-5)
+
+
+def test_policy_loss_hand_computed():
+    old = torch.zeros(1, 2)
+    logprobs = torch.full((1, 2), math.log(1.5))  # ratio 1.5 on both tokens
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old, adv, mask, cliprange=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(1.5, 1.2) = 1.5
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+    assert approx_kl.item() == pytest.approx(0.5 * math.log(1.5) ** 2)
+    masked = policy_loss(logprobs, old, adv, torch.tensor([[1.0, 0.0]]), 0.2)[0]
+    assert masked.item() == pytest.approx(-1.2)
+
+
+def test_value_loss_hand_computed():
+    old = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, 0.0]])
+    loss, clipfrac = value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # token 1: max((1-2)^2, (0.2-2)^2) = 3.24 (clipped is worse); token 2: max(0.01, 0.01) = 0.01
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, -0.2])
+    d = logp - ref
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx(d.tolist())
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3.tolist() == pytest.approx([math.exp(-v) - 1 + v for v in d.tolist()])
+    assert (k3 >= 0).all() and k3[1].item() == 0.0
+    # both estimate KL(p || q): on samples from p, their means approach the exact value
+    torch.manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    x = torch.multinomial(p, 200000, replacement=True)
+    exact = (p * (p / q).log()).sum().item()
+    for est in ("k1", "k3"):
+        assert kl_penalty(p.log()[x], q.log()[x], est).mean().item() == pytest.approx(exact, abs=0.01)
+
+
+def test_response_mask_keeps_first_eos_and_masks_after():
+    response = torch.tensor([[5, 6, EOS, PAD, PAD], [5, EOS, 7, EOS, 8], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]])
+    assert response_mask(response, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_reward_lands_on_eos_or_last_token():
+    # left-padded prompts of different lengths followed by responses of different lengths
+    response = torch.tensor([[5, 6, EOS, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]])
+    mask = response_mask(response, EOS).float()
+    logprobs, ref = torch.full((3, 4), -1.0), torch.full((3, 4), -1.5)
+    scores = torch.tensor([2.0, -9.0, 0.5])
+    rewards, kl = compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1, clip_reward_value=5.0)
+    per_token = -0.1 * 0.5
+    expected = [[per_token, per_token, per_token + 2.0, 0.0],          # score on the EOS itself
+                [per_token, per_token, per_token, per_token - 5.0],    # no EOS: last token, score clipped
+                [per_token + 0.5, 0.0, 0.0, 0.0]]                      # EOS as the only token
+    assert rewards.tolist() == [pytest.approx(r) for r in expected]
+    assert kl.tolist() == [pytest.approx(r) for r in (mask * 0.5).tolist()]
+
+
+def test_logprobs_from_logits_temperature_and_fp32():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11).to(torch.bfloat16)
+    labels = torch.randint(0, 11, (2, 3))
+    out = logprobs_from_logits(logits, labels, temperature=0.7)
+    expected = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected)
+
+
+def test_adaptive_kl_controller_moves_toward_target():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=12.0, n_samples=1000)  # KL too high -> coefficient up, error clipped at +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    before = ctl.value
+    ctl.update(kl=3.0, n_samples=1000)
+    assert ctl.value < before
+    fixed = AdaptiveKLController(0.1)
+    fixed.update(100.0, 1000)
+    assert fixed.value == 0.1

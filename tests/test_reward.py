@@ -1,0 +1,98 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import data
+from conftest import assert_one_line_error, run_stage
+from reward import RewardModel, end_scores, load_reward_model, pair_stats, pairwise_loss, save_reward_model
+
+
+def test_pairwise_loss_matches_hand_computation():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(2.0))) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    assert pairwise_loss(torch.tensor([3.0]), torch.tensor([3.0])).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_accuracy_counting():
+    chosen, rejected = torch.tensor([1.0, 0.0, 5.0, 2.0]), torch.tensor([0.0, 2.0, 5.0, -1.0])
+    correct, n, sc, sr, _ = pair_stats(chosen, rejected)
+    assert (correct, n) == (2, 4)  # a tie is not a win
+    assert (sc, sr) == (8.0, 6.0)
+
+
+def test_end_scores_reads_last_real_token_including_truncated_rows(tmp_path):
+    tok = common.load_tokenizer("tiny:gpt2")
+    full = data.encode_pair(tok, "Human: x\n\nAssistant:", " y z", 64)["input_ids"]
+    cut = data.encode_pair(tok, "Human: x\n\nAssistant:", " y z", len(full) - 2)["input_ids"]  # EOS truncated away
+    assert full[-1] == tok.eos_token_id and cut[-1] != tok.eos_token_id
+    for left in (False, True):
+        mask = data.pad([[1] * len(full), [1] * len(cut)], 0, left=left)
+        values = torch.arange(mask.numel(), dtype=torch.float).view(mask.shape)
+        width = mask.shape[1]
+        expected = [values[0, width - 1], values[1, width - 1]] if left else [values[0, len(full) - 1], values[1, len(cut) - 1]]
+        assert end_scores(values, mask).tolist() == [float(e) for e in expected]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_score_same_for_left_and_right_padding(family):
+    tok = common.load_tokenizer(f"tiny:{family}")
+    model, _ = load_reward_model(f"tiny:{family}", tok)
+    model.eval()
+    seqs = [data.encode_pair(tok, data.format_prompt("sort: b a"), " a b", 64)["input_ids"],
+            data.encode_pair(tok, data.format_prompt("sort: d c b a"), " a b c d", 64)["input_ids"]]
+    with torch.no_grad():
+        right = model.score(data.pad(seqs, tok.pad_token_id), data.pad([[1] * len(s) for s in seqs], 0))
+        left = model.score(data.pad(seqs, tok.pad_token_id, left=True), data.pad([[1] * len(s) for s in seqs], 0, left=True))
+        alone = torch.cat([model.score(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
+    assert torch.allclose(right, alone, atol=1e-5) and torch.allclose(left, alone, atol=1e-5)
+
+
+def test_save_reload_gives_identical_scores_and_stats(tmp_path):
+    tok = common.load_tokenizer("tiny:opt")
+    model, stats = load_reward_model("tiny:opt", tok)
+    assert stats is None
+    torch.nn.init.normal_(model.v_head.weight)
+    model.v_head.bias.data.fill_(0.7)
+    ids = torch.randint(2, 250, (3, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = model.eval().score(ids, mask)
+    save_reward_model(model, tok, str(tmp_path / "rm"), {"args.json": {}}, stats={"score_mean": 1.5, "score_std": 2.0})
+    again, stats = load_reward_model(str(tmp_path / "rm"), tok)
+    with torch.no_grad():
+        after = again.eval().score(ids, mask)
+    assert torch.equal(before, after)
+    assert stats == {"score_mean": 1.5, "score_std": 2.0}
+    assert json.load(open(tmp_path / "rm" / "config.json"))["architectures"] == ["OPTModel"]
+
+
+def test_reward_two_ranks_zero3_from_tiny(tmp_path):
+    out = str(tmp_path / "rm")
+    proc = run_stage(["reward.py", "--model_name_or_path", "tiny:gpt2", "--max_steps", "4", "--zero_stage", "3",
+                      "--per_device_train_batch_size", "4", "--eval_iters", "2", "--output_dir", out], launcher=2)
+    assert "ranks 2 = global batch 8 pairs" in proc.stdout
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("eval_accuracy_start", "eval_accuracy", "eval_chosen_score", "eval_rejected_score", "score_mean", "score_std", "train_seconds"):
+        assert math.isfinite(metrics[key]), key
+    tok = common.load_tokenizer(out)
+    model, stats = load_reward_model(out, tok)
+    assert stats["score_std"] == pytest.approx(metrics["score_std"])
+
+
+def test_bad_checkpoint_path_is_one_line(tmp_path):
+    proc = run_stage(["reward.py", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--model_name_or_path", "nope")
+
+
+def test_dataset_without_pairs_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("train", "eval"):
+        (tmp_path / "data" / f"{name}.json").write_text(json.dumps([{"prompt": "hi", "chosen": "yes"}] * 5))
+    proc = run_stage(["reward.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "local/jsonfile", "--data_split", "1,1,1",
+                      "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path), check=False)
+    assert_one_line_error(proc, "--data_path local/jsonfile", "no chosen/rejected pairs")

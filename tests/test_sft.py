@@ -1,0 +1,71 @@
+"""Step 1 end to end, as subprocesses exactly as a user runs them."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import assert_one_line_error, run_stage
+
+FAST = ["--model_name_or_path", "tiny:gpt2", "--data_path", "builtin:sort", "--max_steps", "6",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", "12"]
+
+
+def _check_output(out):
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["eval_perplexity"] < metrics["eval_perplexity_start"]  # a few steps already learn the format
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert args["model_name_or_path"] == "tiny:gpt2"
+    model = AutoModelForCausalLM.from_pretrained(out)  # nothing of ours needed to load it
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id != tok.eos_token_id
+    with torch.no_grad():
+        assert torch.isfinite(model(**tok("Human: sort: b a\n\nAssistant:", return_tensors="pt")).logits).all()
+    return metrics
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_sft_runs_with_each_zero_stage(stage, tmp_path):
+    out = str(tmp_path / "sft")
+    run_stage(["sft.py", *FAST, "--zero_stage", str(stage), "--output_dir", out])
+    _check_output(out)
+
+
+def test_sft_two_ranks_zero3_saves_a_folder_that_reloads(tmp_path):
+    out = str(tmp_path / "sft")
+    proc = run_stage(["sft.py", *FAST, "--zero_stage", "3", "--output_dir", out], launcher=2)
+    assert "ranks 2 = global batch 16" in proc.stdout
+    _check_output(out)
+
+
+def test_sft_with_lora_only(tmp_path):
+    out = str(tmp_path / "sft")
+    run_stage(["sft.py", *FAST, "--lora_dim", "4", "--only_optimize_lora", "--lora_learning_rate", "1e-2", "--output_dir", out])
+    _check_output(out)
+
+
+def test_bad_model_path_is_one_line(tmp_path):
+    proc = run_stage(["sft.py", "--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--model_name_or_path", "missing")
+
+
+def test_bad_data_path_is_one_line(tmp_path):
+    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "no/such-dataset", "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--data_path no/such-dataset")
+
+
+def test_malformed_data_split_is_one_line(tmp_path):
+    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_split", "2,4", "--output_dir", str(tmp_path / "o")], check=False)
+    assert_one_line_error(proc, "--data_split")
+
+
+def test_local_file_missing_column_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(json.dumps([{"prompt": "hi", "rejected": "no"}]))
+    (tmp_path / "data" / "eval.json").write_text(json.dumps([{"prompt": "hi", "chosen": "yes"}]))
+    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "local/jsonfile", "--output_dir", str(tmp_path / "o")],
+                     cwd=str(tmp_path), check=False)
+    assert_one_line_error(proc, "data/train.json", "chosen")
+    assert not (tmp_path / "o").exists()
