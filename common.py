@@ -13,6 +13,7 @@ import shutil
 import socket
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,11 +48,7 @@ def print_rank0(*args, **kwargs):
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass
+    np.random.seed(seed)
 
 
 def _free_port():
@@ -166,28 +163,24 @@ def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, 
 # (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
 # (from_pretrained, save, reload) is the one a hub model takes.
 _D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
+_GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
+              intermediate_size=_FF // 2, max_position_embeddings=_POS)
 TINY_FAMILIES = {
-    "gpt2": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt2": _GPT,
+    "gptj": {**_GPT, "rotary_dim": 16},
+    "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
     "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
                 max_position_embeddings=_POS, word_embed_proj_dim=_D, dropout=0.0, attention_dropout=0.0),
-    "llama": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
-                  intermediate_size=_FF // 2, max_position_embeddings=_POS),
-    "mistral": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
-                    intermediate_size=_FF // 2, max_position_embeddings=_POS, sliding_window=None),
-    "qwen2": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
-                  intermediate_size=_FF // 2, max_position_embeddings=_POS),
+    "llama": _LLAMA,
+    "mistral": {**_LLAMA, "sliding_window": None},
+    "qwen2": _LLAMA,
     "gpt_neox": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_FF,
                      max_position_embeddings=_POS, hidden_dropout=0.0, attention_dropout=0.0),
     "bloom": dict(hidden_size=_D, n_layer=_L, n_head=_H, hidden_dropout=0.0, attention_dropout=0.0),
-    "gptj": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, rotary_dim=16,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF,
-                    max_position_embeddings=_POS, window_size=_POS,
-                    attention_types=[[["global", "local"], 1], [["global"], 1]],
+    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF, max_position_embeddings=_POS,
+                    window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
                     resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
-    "codegen": dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, n_ctx=_POS,
-                    rotary_dim=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 TINY_VERSION = 1
 
@@ -211,10 +204,17 @@ def byte_tokenizer():
 
 def tiny_model_path(model_type):
     """Folder of tiny:<model_type>, created (deterministically) on first use."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch.distributed as dist
     path = os.path.join(tiny_cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+    # under torch.distributed, transformers writes weights on rank 0 only: rank 0 builds, the rest wait
+    if not os.path.isfile(os.path.join(path, "config.json")) and (rank() == 0 or not dist.is_initialized()):
+        _write_tiny_model(model_type, path)
+    barrier()
+    return path
+
+
+def _write_tiny_model(model_type, path):
+    from transformers import AutoConfig, AutoModelForCausalLM
     tokenizer = byte_tokenizer()
     vocab = 8 * math.ceil(len(tokenizer) / 8)
     config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1,
@@ -228,9 +228,8 @@ def tiny_model_path(model_type):
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, path)
-    except OSError:  # another rank created it first; both are identical
+    except OSError:  # another job created it first; both are identical
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def resolve_model(name):
@@ -450,11 +449,14 @@ def publish_dir(tmp, output_dir):
         os.replace(tmp, output_dir)
 
 
-def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, extra=None):
+_GATHER = object()
+
+
+def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=_GATHER):
     """Save `model` (a transformers PreTrainedModel, possibly wrapped in LoRA / ZeRO-3) as a Hugging
     Face folder, plus json files (args.json, metrics.json, ...). Collective: call on every rank.
-    `extra(folder)` may add files before the folder is published."""
-    sd = state_dict if state_dict is not None else full_state_dict(model)
+    A caller that gathered the weights itself passes them as `state_dict` (None on ranks other than 0)."""
+    sd = full_state_dict(model) if state_dict is _GATHER else state_dict
     if rank() == 0:
         tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -462,8 +464,6 @@ def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, extr
         tokenizer.save_pretrained(tmp)
         for fname, obj in (json_files or {}).items():
             write_json(os.path.join(tmp, fname), obj)
-        if extra is not None:
-            extra(tmp)
         publish_dir(tmp, output_dir)
     barrier()
 
@@ -473,38 +473,6 @@ def default_lora_module(model):
     "h." (GPT-2, GPT-J, GPT-Neo, BLOOM, CodeGen)."""
     names = [n for n, _ in model.named_modules()]
     return "layers." if any(".layers." in n or n.startswith("layers.") for n in names) else "h."
-
-
-# --------------------------------------------------------------------------------------------
-# Generation for evaluation: each rank answers its share of the prompts.
-def cut_at_eos(tokens, eos_id):
-    """Token list up to (not including) the first EOS."""
-    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
-def rank_batches(n, batch_size):
-    """This rank's share of range(n) as lists of indices, `batch_size` at a time. Every rank gets the
-    same number of batches, since ZeRO-3 ranks gather parameters together in each forward; a rank with
-    nothing left gets [] (callers run a dummy item and drop its result)."""
-    mine = list(range(rank(), n, world_size()))
-    calls = math.ceil(math.ceil(n / world_size()) / batch_size)
-    return [mine[c * batch_size:(c + 1) * batch_size] for c in range(calls)]
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, zero3):
-    """Greedy answers for this rank's share of `prompts` (lists of token ids) as {index: text}."""
-    import data
-    answers = {}
-    for idx in rank_batches(len(prompts), batch_size):
-        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tokenizer.pad_token_id)
-        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=zero3 and world_size() > 1)
-        width = batch["input_ids"].shape[1]
-        for i, row in zip(idx, out[:, width:].tolist()):
-            answers[i] = tokenizer.decode(cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
-    return answers
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,9 +518,9 @@ def generation_model(engine, hybrid, zero3):
 class CSVLog:
     """Append-only per-step metrics (step, name, value rows) that plots and any tool can read."""
 
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         self.path = path if rank() == 0 else None
-        if self.path and not os.path.exists(self.path):
+        if self.path and not (append and os.path.exists(self.path)):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(self.path, "w") as f:
                 f.write("step,name,value\n")

@@ -12,12 +12,13 @@ Conventions (used by sft.py, reward.py and ppo.py):
 """
 import hashlib
 import json
+import math
 import os
 import random
 
 import torch
 
-from common import UserError, barrier, print_rank0, rank
+from common import UserError, barrier, print_rank0, rank, world_size
 
 # DeepSpeed-Chat's "Human: ... Assistant:" dialogue form (Dahoas/rm-static's own layout).
 PROMPT_TEMPLATE = "Human: {instruction}\n\nAssistant:"
@@ -37,7 +38,7 @@ def format_prompt(instruction):
 # right (correct answer chosen, a corrupted one rejected), so steps 2-3 can fix what step 1 copied.
 SORT_LETTERS = "abcdefghijklmnop"
 SORT_MIN, SORT_MAX, SORT_LONG = 3, 6, 5
-SORT_P_SYSTEMATIC = 0.75  # chance a long-list demonstration has its last two items swapped
+SORT_P_SYSTEMATIC = 0.6  # chance a long-list demonstration has its last two items swapped
 SORT_P_NOISE = 0.1  # chance any demonstration has two random adjacent items swapped
 SORT_N_TRAIN, SORT_N_EVAL = 30000, 1000
 SORT_DATA_SEED = 0  # the demo is a fixed dataset, like a hub one; --seed only drives the split
@@ -295,6 +296,63 @@ def last_token_index(attention_mask):
     and for BOS == PAD (it reads the mask, never token ids). Where the reward model reads its score."""
     width = attention_mask.shape[1]
     return width - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3's inputs: prompts, and text for the PPO-ptx language-model loss.
+def build_prompts(args, tokenizer):
+    """Phase-3 prompts (train, eval) as lists of token ids; prompts over --max_prompt_seq_len are dropped."""
+    rows = phase_rows(args.data_path, args.split, 3, args.seed)
+    out = {}
+    for part, part_rows in rows.items():
+        ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
+        keep = [i for i, x in enumerate(ids) if len(x) <= args.max_prompt_seq_len]
+        if len(keep) < len(ids):
+            print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
+        if not keep:
+            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts left after --max_prompt_seq_len {args.max_prompt_seq_len}")
+        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
+    return out["train"], out["eval"]
+
+
+def build_ptx(args, tokenizer):
+    """PPO-ptx data: the unsupervised texts cut into blocks of prompt + answer length: [N, L]."""
+    name, block = args.unsupervised_dataset_name, args.max_prompt_seq_len + args.max_answer_seq_len
+    try:
+        key = resolve_source(name)
+    except UserError:
+        key = None
+    if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
+        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed)["train"]]
+    else:
+        import datasets
+        try:
+            texts = datasets.load_dataset(name, args.unsupervised_dataset_config_name, split="train")["text"]
+        except Exception as e:  # noqa: BLE001 -- any loading failure is a bad flag value
+            raise UserError(f"--unsupervised_dataset_name {name}: cannot load ({type(e).__name__}: {str(e)[:120]})") from None
+    ids = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // block
+    if n == 0:
+        raise UserError(f"--unsupervised_dataset_name {name}: fewer than {block} tokens of text")
+    return torch.tensor(ids[:n * block]).view(n, block)
+
+
+# --------------------------------------------------------------------------------------------
+# Responses and sharding: shared by evaluation and PPO.
+def cut_at_eos(tokens, eos_id):
+    """Token list up to (not including) the first EOS."""
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def rank_batches(n, batch_size):
+    """This rank's share of range(n) as lists of indices, `batch_size` at a time. Every rank gets the
+    same number of batches, since ZeRO-3 ranks gather parameters together in each forward; a rank with
+    nothing left gets [] (callers run a dummy item and drop its result)."""
+    mine = list(range(rank(), n, world_size()))
+    calls = math.ceil(math.ceil(n / world_size()) / batch_size)
+    return [mine[c * batch_size:(c + 1) * batch_size] for c in range(calls)]
 
 
 # --------------------------------------------------------------------------------------------

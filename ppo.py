@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import time
 
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     a("--critic_learning_rate", type=float, default=1e-4, help="critic peak learning rate")
     a("--actor_weight_decay", type=float, default=0.0, help="actor AdamW weight decay")
     a("--critic_weight_decay", type=float, default=0.0, help="critic AdamW weight decay")
-    a("--lr_scheduler_type", default="constant", help="transformers scheduler name: constant, linear, cosine, ...")
+    a("--lr_scheduler_type", default="cosine", help="transformers scheduler name: cosine, linear, constant, ...")
     a("--num_warmup_steps", type=int, default=0, help="linear warm-up optimizer steps")
     a("--seed", type=int, default=1234, help="seed for the data split, prompt order and sampling")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="precision; auto = bf16 on GPU, fp32 on CPU")
@@ -92,7 +93,8 @@ def parse_args(argv=None):
     a("--kl_estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate: k1 = log p - log p_ref, k3 = (r - 1) - log r")
     a("--target_kl", type=float, default=None, help="adaptive KL controller target (Ziegler et al. 2019); off when unset")
     a("--clip_reward_value", type=float, default=5.0, help="reward-model scores are clipped to +/- this")
-    a("--normalize_reward", action="store_true", help="standardise scores with the reward model's stored mean/std")
+    a("--normalize_reward", action=argparse.BooleanOptionalAction, default=True,
+      help="standardise scores with the reward model's stored mean/std before clipping (else a large-scale reward model saturates the clip)")
     a("--missing_eos_penalty", type=float, default=1.0, help="subtracted from the score of responses that never emit EOS")
     a("--whiten_rewards", action="store_true", help="whiten per-token rewards before GAE")
     a("--cliprange", type=float, default=0.2, help="PPO policy ratio clip")
@@ -109,6 +111,7 @@ def parse_args(argv=None):
     a("--print_answers_interval", type=int, default=20, help="print sample rows every N steps (0: never)")
     a("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
     a("--tensorboard_path", default="step3_tensorboard", help="tensorboard output folder")
+    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -276,8 +279,9 @@ def latest_checkpoint(output_dir):
     return path if os.path.isdir(path) else None
 
 
+
 def rng_state():
-    import random
+    """Every RNG a run draws from, for resumable checkpoints."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -285,11 +289,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    import random
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,45 +495,6 @@ class PPOTrainer:
 
 
 # --------------------------------------------------------------------------------------------
-def build_prompts(args, tokenizer):
-    """Phase-3 prompts (train, eval) as lists of token ids; prompts over --max_prompt_seq_len are dropped."""
-    rows = data.phase_rows(args.data_path, args.split, 3, args.seed)
-    out = {}
-    for part, part_rows in rows.items():
-        ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
-        keep = [i for i, x in enumerate(ids) if len(x) <= args.max_prompt_seq_len]
-        if len(keep) < len(ids):
-            print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
-        if not keep:
-            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts left after --max_prompt_seq_len {args.max_prompt_seq_len}")
-        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
-    return out["train"], out["eval"]
-
-
-def build_ptx(args, tokenizer):
-    """PPO-ptx data: the unsupervised texts cut into blocks of prompt + answer length: [N, L]."""
-    name, block = args.unsupervised_dataset_name, args.max_prompt_seq_len + args.max_answer_seq_len
-    try:
-        key = data.resolve_source(name)
-    except UserError:
-        key = None
-    if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
-        texts = [r["prompt"] + r["chosen"] for r in data.phase_rows([name], args.split, 3, args.seed)["train"]]
-    else:
-        import datasets
-        try:
-            texts = datasets.load_dataset(name, args.unsupervised_dataset_config_name, split="train")["text"]
-        except Exception as e:  # noqa: BLE001 -- any loading failure is a bad flag value
-            raise UserError(f"--unsupervised_dataset_name {name}: cannot load ({type(e).__name__}: {str(e)[:120]})") from None
-    ids = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(ids) // block
-    if n == 0:
-        raise UserError(f"--unsupervised_dataset_name {name}: fewer than {block} tokens of text")
-    return torch.tensor(ids[:n * block]).view(n, block)
-
-
 @torch.no_grad()
 def evaluate(trainer, prompts, texts, checker):
     """Greedy answers to held-out prompts: mean reward-model score, KL to the reference (summed over
@@ -538,7 +503,7 @@ def evaluate(trainer, prompts, texts, checker):
     import torch.distributed as dist
     a, tok = trainer.args, trainer.tokenizer
     sums, records = [0.0] * 6, []
-    for idx in common.rank_batches(len(prompts), a.per_device_generation_batch_size):
+    for idx in data.rank_batches(len(prompts), a.per_device_generation_batch_size):
         batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tok.pad_token_id)
         query, query_mask = batch["input_ids"].to(trainer.device), batch["attention_mask"].to(trainer.device)
         response, mask = trainer.sample(query, query_mask, greedy=True)
@@ -546,7 +511,7 @@ def evaluate(trainer, prompts, texts, checker):
         kl = (kl_penalty(logprobs, ref_logprobs) * mask).sum(1)
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
         for j, i in enumerate(idx):
-            text = tok.decode(common.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
+            text = tok.decode(data.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
             rec = {"prompt": texts[i], "response": text, "score": scores[j].item(), "kl": kl[j].item()}
             if checker is not None:
                 rec["correct"] = bool(checker(texts[i], text))
@@ -619,8 +584,8 @@ def main(argv=None):
     tokenizer = common.load_tokenizer(args.actor)
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
-    (train_prompts, _), (eval_prompts, eval_texts) = build_prompts(args, tokenizer)
-    ptx = build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
+    (train_prompts, _), (eval_prompts, eval_texts) = data.build_prompts(args, tokenizer)
+    ptx = data.build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
     checker = data.checker_for(args.data_path)
 
     # ---- batch hierarchy (see the module docstring)
@@ -641,7 +606,7 @@ def main(argv=None):
     # ---- models: four engines
     engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, total_steps * updates_per_step, device)
     trainer = PPOTrainer(engine, args)
-    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), append=args.resume)
     state = {"metrics_start": None}
     first = 0
     if args.resume:
@@ -703,7 +668,7 @@ def main(argv=None):
             x = exps[0]
             for j in range(min(3, gen_bs)):
                 q = tokenizer.decode(x["query"][j][x["query_mask"][j] == 1])
-                r = tokenizer.decode(common.cut_at_eos(x["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+                r = tokenizer.decode(data.cut_at_eos(x["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
                 print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {x['scores'][j].item():+.2f}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < total_steps:
             mid, _ = evaluate(trainer, eval_prompts, eval_texts, checker)

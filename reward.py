@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
     p.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
-    p.add_argument("--num_train_epochs", type=int, default=1, help="passes over the phase-2 pairs")
+    p.add_argument("--num_train_epochs", type=int, default=2, help="passes over the phase-2 pairs")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr_scheduler_type", default="cosine", help="transformers scheduler name: linear, cosine, constant, ...")
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
     p.add_argument("--tensorboard_path", default="step2_tensorboard", help="tensorboard output folder")
     p.add_argument("--print_loss", action="store_true", help="print the loss at every step")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -259,6 +260,7 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
 
     # ---- loop
     start = evaluate(engine, eval_loader, args, device)
@@ -285,11 +287,13 @@ def main(argv=None):
                 acc = sum(correct) / len(correct)
                 print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | train acc {acc:.3f} | "
                             f"lr {engine.get_lr()[0]:.2e} | {seen / (time.time() - t0):.1f} pairs/s")
+                log.write(step, {"loss": loss.item(), "train_accuracy": acc, "lr": engine.get_lr()[0]})
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/accuracy", acc, step)])
                 correct = []
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 mid = evaluate(engine, eval_loader, args, device)
+                log.write(step, mid)
                 print_rank0(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
             if step >= total_steps:
                 break

@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
     p.add_argument("--tensorboard_path", default="step1_tensorboard", help="tensorboard output folder")
     p.add_argument("--print_loss", action="store_true", help="print the loss at every step")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -102,6 +103,21 @@ def build_data(args, tokenizer):
 
 
 @torch.no_grad()
+def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, zero3):
+    """Greedy answers for this rank's share of `prompts` (lists of token ids) as {index: text}."""
+    answers = {}
+    for idx in data.rank_batches(len(prompts), batch_size):
+        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tokenizer.pad_token_id)
+        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=zero3 and common.world_size() > 1)
+        width = batch["input_ids"].shape[1]
+        for i, row in zip(idx, out[:, width:].tolist()):
+            answers[i] = tokenizer.decode(data.cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
+    return answers
+
+
+@torch.no_grad()
 def evaluate(engine, loader, prompts, checker, tokenizer, args, device):
     """Perplexity over response tokens of the eval split; greedy accuracy when the data has a checker."""
     engine.eval()
@@ -114,7 +130,7 @@ def evaluate(engine, loader, prompts, checker, tokenizer, args, device):
     nll, count = common.all_reduce_sum([nll, count], device)
     out = {"eval_loss": nll / count, "eval_perplexity": math.exp(min(nll / count, 50))}
     if checker is not None:
-        answers = common.greedy_generate(engine.module, tokenizer, [tokenizer(p)["input_ids"] for p in prompts],
+        answers = greedy_generate(engine.module, tokenizer, [tokenizer(p)["input_ids"] for p in prompts],
                                          args.per_device_eval_batch_size, args.eval_max_new_tokens, device, args.zero_stage == 3)
         hits = [checker(prompts[i], a) for i, a in answers.items()]
         correct, total = common.all_reduce_sum([sum(hits), len(hits)], device)
@@ -168,6 +184,7 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
 
     # ---- loop
     metrics = {f"{k}_start": v for k, v in evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device).items()}
@@ -190,10 +207,12 @@ def main(argv=None):
             if step % log_every == 0 or step == total_steps:
                 lr = engine.get_lr()[0]
                 print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} samples/s")
+                log.write(step, {"loss": loss.item(), "lr": lr})
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/lr", lr, step)])
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 mid = evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
+                log.write(step, mid)
                 print_rank0(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
             if step >= total_steps:
                 break

@@ -41,9 +41,13 @@ def test_ppo_runs_and_writes_everything(tmp_path):
 def test_two_ranks_actor_zero3_critic_zero2(tmp_path):
     out = str(tmp_path / "ppo")
     proc = run_stage(["ppo.py", *TINY, "--max_steps", "2", "--actor_zero_stage", "3", "--critic_zero_stage", "2",
-                      "--output_dir", out], launcher=2)
+                      "--enable_ema", "--output_dir", out], launcher=2)
     assert "x 2 ranks = 16 sequences" in proc.stdout and "step 2/2" in proc.stdout
     assert _metrics(out)["eval_kl_start"] == pytest.approx(0.0, abs=1e-5)
+    from transformers import AutoModelForCausalLM
+    for folder in ("actor", "actor_ema"):  # ZeRO-3 shards gathered into complete folders
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out, folder))
+        assert all(p.numel() > 0 for p in model.parameters())
 
 
 def test_hybrid_engine_on_cpu_falls_back_with_same_results(tmp_path):

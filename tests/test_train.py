@@ -1,0 +1,55 @@
+"""train.py: the whole pipeline with tiny budgets, its report, skipping and resuming."""
+import json
+import os
+import sys
+
+import train
+from conftest import run_stage
+
+FAST = ["--step1-args", "--max_steps 4 --per_device_train_batch_size 8 --eval_max_new_tokens 12",
+        "--step2-args", "--max_steps 4 --per_device_train_batch_size 4 --eval_iters 2",
+        "--step3-args", "--max_steps 2 --per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_answer_seq_len 12"]
+
+
+def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_stage(["train.py", "--output-dir", out, *FAST])
+    for i in (1, 2, 3):
+        assert f"[train] step {i} done in" in proc.stdout
+    report = open(os.path.join(out, "report.md")).read()
+    m = [json.load(open(os.path.join(out, d, "metrics.json"))) for d in ("step1_sft", "step2_reward", "step3_ppo")]
+    assert f"| step 1: eval perplexity | {m[0]['eval_perplexity_start']:.4f} | {m[0]['eval_perplexity']:.4f} |" in report
+    assert f"| step 2: pairwise accuracy | {m[1]['eval_accuracy_start']:.4f} | {m[1]['eval_accuracy']:.4f} |" in report
+    assert f"| step 3: accuracy (greedy) | {m[2]['eval_accuracy_start']:.4f} | {m[2]['eval_accuracy']:.4f} |" in report
+    assert f"| step 3: KL to reference | {m[2]['eval_kl_start']:.4f} | {m[2]['eval_kl']:.4f} |" in report
+    gain = 100 * (m[2]["eval_accuracy"] - m[2]["eval_accuracy_start"])
+    assert f"({gain:+.1f} points)" in report
+    assert "| prompt | SFT | RLHF |" in report
+    for png in ("step3_ppo.png", "step1_loss.png", "step2_loss.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000 and f"![{png}]({png})" in report
+    for d in ("step1_sft", "step2_reward", "step3_ppo"):
+        assert os.path.getsize(os.path.join(out, d, "training.log")) > 0
+    again = run_stage(["train.py", "--output-dir", out, *FAST])
+    assert again.stdout.count("is complete, skipped") == 3 and "done in" not in again.stdout.split("[train] all done")[0]
+
+
+def test_step3_resumes_from_its_checkpoint_and_force_starts_over(tmp_path):
+    args = train.parse_args(["--output-dir", str(tmp_path)])
+    assert "--resume" not in train.step_command(3, args)
+    ckpt = tmp_path / "step3_ppo" / "checkpoints"
+    (ckpt / "step_25").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_25")
+    assert "--resume" in train.step_command(3, args)
+    assert "--resume" not in train.step_command(3, train.parse_args(["--output-dir", str(tmp_path), "--force"]))
+
+
+def test_step_commands_pass_models_stages_and_extra_args(tmp_path):
+    args = train.parse_args(["--output-dir", str(tmp_path), "--actor-model", "tiny:opt", "--reward-model", "tiny:llama",
+                             "--actor-zero-stage", "3", "--reward-zero-stage", "2", "--step3-args", "--kl_coef 0.05"])
+    c1, c2, c3 = (train.step_command(i, args) for i in (1, 2, 3))
+    assert c1[c1.index("--model_name_or_path") + 1] == "tiny:opt" and c1[c1.index("--zero_stage") + 1] == "3"
+    assert c2[c2.index("--model_name_or_path") + 1] == "tiny:llama" and c2[c2.index("--zero_stage") + 1] == "2"
+    assert c3[c3.index("--actor") + 1] == os.path.join(str(tmp_path), "step1_sft")
+    assert c3[c3.index("--critic_zero_stage") + 1] == "2" and c3[-2:] == ["--kl_coef", "0.05"]
+    assert train.launcher(train.parse_args(["--num-gpus", "2"])) == ["deepspeed", "--num_gpus", "2"]
+    assert train.launcher(train.parse_args(["--num-gpus", "0"])) == [sys.executable]

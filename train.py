@@ -1,0 +1,236 @@
+"""The whole pipeline in one command: step 1 (sft.py) -> step 2 (reward.py) -> step 3 (ppo.py), then a
+report of what each step bought (DeepSpeed-Chat's "one-script experience").
+
+    # the built-in demo on a tiny model, CPU, about 8 minutes on 2 cores
+    python train.py
+    # DeepSpeed-Chat's example, on one GPU
+    python train.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m --num-gpus 1 --data-path Dahoas/rm-static
+    # all GPUs of this node, ZeRO-3 for both models, extra flags for one step
+    python train.py --deployment-type single_node --actor-zero-stage 3 --reward-zero-stage 3 --step3-args "--kl_coef 0.05"
+
+Each step writes --output-dir/step1_sft, step2_reward, step3_ppo (with its training.log). A step whose
+folder is complete (metrics.json present) is skipped on re-run unless --force; an interrupted step 3
+resumes from its latest checkpoint. The report is printed and written to --output-dir/report.md with
+PNG plots beside it (when matplotlib is installed).
+"""
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = {1: ("sft.py", "step1_sft"), 2: ("reward.py", "step2_reward"), 3: ("ppo.py", "step3_ppo")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run steps 1-3 and report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--actor-model", default="tiny:gpt2", help="step-1 base model (hub name, folder or tiny:<type>)")
+    p.add_argument("--reward-model", default=None, help="step-2 base model (default: the step-1 output)")
+    p.add_argument("--data-path", nargs="+", default=["builtin:sort"], help="datasets for all three steps")
+    p.add_argument("--step", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3], help="which steps to run")
+    p.add_argument("--deployment-type", default=None, choices=["single_gpu", "single_node", "multi_node"],
+                   help="GPU launch: 1 GPU, all GPUs of this node, or the deepspeed launcher's hostfile")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs per node (overrides --deployment-type); 0 runs on CPU")
+    p.add_argument("--actor-zero-stage", type=int, default=None, help="ZeRO stage of steps 1 and 3's actor (default: each step's own)")
+    p.add_argument("--reward-zero-stage", type=int, default=None, help="ZeRO stage of step 2 and step 3's critic (default: each step's own)")
+    p.add_argument("--output-dir", default="output", help="where the step folders and the report go")
+    p.add_argument("--seed", type=int, default=1234, help="seed for all steps (the data split must agree across them)")
+    p.add_argument("--checkpoint-interval", type=int, default=25, help="step 3 saves a resumable checkpoint every N PPO steps")
+    for i in (1, 2, 3):
+        p.add_argument(f"--step{i}-args", default="", help=f"extra flags for {STEPS[i][0]}, as one quoted string")
+    p.add_argument("--force", action="store_true", help="redo steps whose output is already complete")
+    args = p.parse_args(argv)
+    for flag in ("actor_zero_stage", "reward_zero_stage"):
+        if getattr(args, flag) is not None and getattr(args, flag) not in (0, 1, 2, 3):
+            p.error(f"--{flag.replace('_', '-')} must be 0, 1, 2 or 3")
+    return args
+
+
+def launcher(args):
+    """The command prefix that starts a stage: plain python on CPU, the deepspeed launcher on GPUs."""
+    gpus = args.num_gpus
+    if gpus is None and args.deployment_type is None:
+        gpus = 1 if _cuda_count() else 0
+    if gpus == 0:
+        return [sys.executable]
+    if args.deployment_type == "multi_node" and args.num_gpus is None:
+        return ["deepspeed"]
+    if gpus is None:
+        gpus = 1 if args.deployment_type == "single_gpu" else _cuda_count()
+    return ["deepspeed", "--num_gpus", str(gpus)]
+
+
+def _cuda_count():
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def step_command(i, args):
+    out = lambda j: os.path.join(args.output_dir, STEPS[j][1])  # noqa: E731
+    common = ["--data_path", *args.data_path, "--seed", str(args.seed), "--output_dir", out(i)]
+    if i == 1:
+        cmd = ["--model_name_or_path", args.actor_model]
+        cmd += ["--zero_stage", str(args.actor_zero_stage)] if args.actor_zero_stage is not None else []
+    elif i == 2:
+        cmd = ["--model_name_or_path", args.reward_model or out(1)]
+        cmd += ["--zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
+    else:
+        cmd = ["--actor", out(1), "--reward", out(2), "--checkpoint_interval", str(args.checkpoint_interval)]
+        cmd += ["--actor_zero_stage", str(args.actor_zero_stage)] if args.actor_zero_stage is not None else []
+        cmd += ["--critic_zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
+        if not args.force and os.path.isfile(os.path.join(out(3), "checkpoints", "latest")):
+            cmd.append("--resume")
+    return [os.path.join(HERE, STEPS[i][0])] + cmd + common + shlex.split(getattr(args, f"step{i}_args"))
+
+
+def run_step(i, args):
+    """Run step i, echoing its output and saving it to <step folder>/training.log. Returns seconds."""
+    folder = os.path.join(args.output_dir, STEPS[i][1])
+    cmd = launcher(args) + step_command(i, args)
+    os.makedirs(folder, exist_ok=True)
+    print(f"[train] step {i} ({STEPS[i][0]}): {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(folder, "training.log"), "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=os.getcwd(),
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        for line in proc.stdout:
+            log.write(line)
+            if not _noise(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        code = proc.wait()
+    seconds = time.time() - t0
+    if code != 0:
+        sys.exit(f"[train] step {i} failed (exit {code}) after {seconds:.0f}s; its log: {os.path.join(folder, 'training.log')}")
+    print(f"[train] step {i} done in {seconds:.0f}s", flush=True)
+    return seconds
+
+
+def _noise(line):
+    """Library chatter kept in training.log but not echoed."""
+    return line.startswith("[20") or "warn" in line.lower() or "Loading weights" in line or "Writing model shards" in line
+
+
+def complete(i, args):
+    return os.path.isfile(os.path.join(args.output_dir, STEPS[i][1], "metrics.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# The report.
+def read_metrics(args, i):
+    path = os.path.join(args.output_dir, STEPS[i][1], "metrics.json")
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def read_log(args, i):
+    """{name: [(step, value), ...]} from a step's log.csv."""
+    path = os.path.join(args.output_dir, STEPS[i][1], "log.csv")
+    series = {}
+    if os.path.isfile(path):
+        for row in csv.DictReader(open(path)):
+            series.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+    return series
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def plots(args):
+    """PNG plots of the training curves; returns their file names (none without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    panels = [(3, ["reward", "kl", "eval_accuracy"], "step3_ppo.png", "Step 3: PPO"),
+              (1, ["loss"], "step1_loss.png", "Step 1: SFT loss"), (2, ["loss"], "step2_loss.png", "Step 2: reward-model loss")]
+    for i, names, fname, title in panels:
+        series = read_log(args, i)
+        names = [n for n in names if n in series]
+        if not names:
+            continue
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            xs, ys = zip(*series[name])
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.output_dir, fname), dpi=90)
+        plt.close(fig)
+        made.append(fname)
+    return made
+
+
+def _fmt(x):
+    return "n/a" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _row(name, m, key):
+    return f"| {name} | {_fmt(m.get(key + '_start'))} | {_fmt(m.get(key))} |"
+
+
+def build_report(args, seconds):
+    lines = ["# RLHF pipeline report", ""]
+    m1, m2, m3 = (read_metrics(args, i) or {} for i in (1, 2, 3))
+    if m3.get("eval_accuracy") is not None:
+        gain = 100 * (m3["eval_accuracy"] - m3["eval_accuracy_start"])
+        lines += [f"**Held-out ground-truth accuracy: SFT {100 * m3['eval_accuracy_start']:.1f}% -> RLHF "
+                  f"{100 * m3['eval_accuracy']:.1f}% ({gain:+.1f} points)**", ""]
+    lines += ["| step | seconds |", "| --- | --- |"]
+    lines += [f"| {i} {STEPS[i][0]} | {seconds[i]:.0f}{' (skipped: already complete)' if seconds[i] == 0 else ''} |" for i in sorted(seconds)]
+    lines += ["", "| metric | before | after |", "| --- | --- | --- |"]
+    if m1:
+        lines += [_row("step 1: eval perplexity", m1, "eval_perplexity"), _row("step 1: eval accuracy (greedy)", m1, "eval_accuracy")]
+    if m2:
+        lines += [_row("step 2: pairwise accuracy", m2, "eval_accuracy"), _row("step 2: chosen score", m2, "eval_chosen_score"),
+                  _row("step 2: rejected score", m2, "eval_rejected_score")]
+    if m3:
+        lines += [_row("step 3: reward-model score", m3, "eval_reward"), _row("step 3: KL to reference", m3, "eval_kl"),
+                  _row("step 3: accuracy (greedy)", m3, "eval_accuracy"), _row("step 3: response length", m3, "eval_response_length")]
+    folder = os.path.join(args.output_dir, STEPS[3][1])
+    before, after = read_jsonl(os.path.join(folder, "eval_generations_start.jsonl")), read_jsonl(os.path.join(folder, "eval_generations.jsonl"))
+    if before and after:
+        pairs = list(zip(before, after))
+        changed = [p for p in pairs if p[0]["response"] != p[1]["response"]]
+        shown = (changed + [p for p in pairs if p not in changed])[:6]
+        mark = lambda r: "" if "correct" not in r else (" ✓" if r["correct"] else " ✗")  # noqa: E731
+        lines += ["", "Held-out prompts, SFT answer vs RLHF answer (reward-model score):", "",
+                  "| prompt | SFT | RLHF |", "| --- | --- | --- |"]
+        for b, a in shown:
+            prompt = b["prompt"].replace("\n", " ").strip()
+            lines.append(f"| `{prompt[-60:]}` | `{b['response']}` {b['score']:+.2f}{mark(b)} | `{a['response']}` {a['score']:+.2f}{mark(a)} |")
+    made = plots(args)
+    lines += [""] + ([f"![{f}]({f})" for f in made] or ["(plots skipped: `pip install matplotlib` to draw them)"])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    seconds, t0 = {}, time.time()
+    for i in sorted(set(args.step)):
+        if complete(i, args) and not args.force:
+            print(f"[train] step {i} ({STEPS[i][0]}): {os.path.join(args.output_dir, STEPS[i][1])} is complete, skipped (--force redoes it)")
+            seconds[i] = 0.0
+            continue
+        seconds[i] = run_step(i, args)
+    report = build_report(args, seconds)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(report)
+    print(f"\n{report}\n[train] all done in {time.time() - t0:.0f}s; report: {os.path.join(args.output_dir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()
