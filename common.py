@@ -98,8 +98,18 @@ def check_zero_stage(stage, flag="--zero_stage"):
 
 
 def check_dtype(dtype):
+    """--dtype auto -> bf16 on a GPU, fp32 on CPU; fp16 is refused without a GPU. Returns the dtype."""
+    if dtype == "auto":
+        dtype = "bf16" if torch.cuda.is_available() else "fp32"
     if dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("--dtype fp16 needs a GPU (loss scaling is not supported on CPU); use --dtype bf16 or fp32")
+    return dtype
+
+
+def check_at_least_one(args, *flags):
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
 
 
 def check_output_dir(path):

@@ -121,16 +121,12 @@ def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
     common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage")
     common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    common.check_dtype(args.dtype)
+    args.dtype = common.check_dtype(args.dtype)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
         data.resolve_source(path)
-    for flag in ("per_device_generation_batch_size", "generation_batches", "per_device_training_batch_size",
-                 "gradient_accumulation_steps", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    common.check_at_least_one(args, "per_device_generation_batch_size", "generation_batches", "per_device_training_batch_size",
+                              "gradient_accumulation_steps", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len")
     rollout = args.per_device_generation_batch_size * args.generation_batches
     micro = args.per_device_training_batch_size * args.gradient_accumulation_steps
     if rollout % micro:
@@ -615,6 +611,7 @@ def main(argv=None):
     if state["metrics_start"] is None:
         start, records = evaluate(trainer, eval_prompts, eval_texts, checker)
         state["metrics_start"] = {f"{k}_start": v for k, v in start.items()}
+        log.write(0, start)
         os.makedirs(args.output_dir, exist_ok=True)
         write_jsonl(os.path.join(args.output_dir, "eval_generations_start.jsonl"), records)
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in state["metrics_start"].items()))

@@ -70,15 +70,11 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
     common.check_zero_stage(args.zero_stage)
-    if args.dtype == "auto":
-        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    common.check_dtype(args.dtype)
+    args.dtype = common.check_dtype(args.dtype)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path + args.sft_only_data_path:
         data.resolve_source(path)
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    common.check_at_least_one(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len")
     if args.only_optimize_lora and args.lora_dim == 0:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
     common.check_output_dir(args.output_dir)

@@ -24,6 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = {1: ("sft.py", "step1_sft"), 2: ("reward.py", "step2_reward"), 3: ("ppo.py", "step3_ppo")}
+EVAL_INTERVAL = 25  # step-3 held-out evals every N steps: the report's accuracy curve (--step3-args overrides)
 
 
 def parse_args(argv=None):
@@ -82,7 +83,8 @@ def step_command(i, args):
         cmd = ["--model_name_or_path", args.reward_model or out(1)]
         cmd += ["--zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
     else:
-        cmd = ["--actor", out(1), "--reward", out(2), "--checkpoint_interval", str(args.checkpoint_interval)]
+        cmd = ["--actor", out(1), "--reward", out(2), "--checkpoint_interval", str(args.checkpoint_interval),
+               "--eval_interval", str(EVAL_INTERVAL)]
         cmd += ["--actor_zero_stage", str(args.actor_zero_stage)] if args.actor_zero_stage is not None else []
         cmd += ["--critic_zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
         if not args.force and os.path.isfile(os.path.join(out(3), "checkpoints", "latest")):
@@ -115,7 +117,8 @@ def run_step(i, args):
 
 def _noise(line):
     """Library chatter kept in training.log but not echoed."""
-    return line.startswith("[20") or "warn" in line.lower() or "Loading weights" in line or "Writing model shards" in line
+    return (line.startswith(("[20", "[transformers]")) or not line.strip() or "warn" in line.lower()
+            or any(bar in line for bar in ("Loading weights", "Writing model shards", "Saving the dataset")))
 
 
 def complete(i, args):

@@ -25,6 +25,8 @@ def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
     gain = 100 * (m[2]["eval_accuracy"] - m[2]["eval_accuracy_start"])
     assert f"({gain:+.1f} points)" in report
     assert "| prompt | SFT | RLHF |" in report
+    log = open(os.path.join(out, "step3_ppo", "log.csv")).read()
+    assert f"0,eval_accuracy,{m[2]['eval_accuracy_start']}" in log  # the accuracy curve starts at the SFT policy
     for png in ("step3_ppo.png", "step1_loss.png", "step2_loss.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000 and f"![{png}]({png})" in report
     for d in ("step1_sft", "step2_reward", "step3_ppo"):
