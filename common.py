@@ -291,13 +291,13 @@ def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None,
     return model
 
 
-def cap_seq_len(name, max_seq_len):
-    """--max_seq_len, capped at the model's number of positions (with a note when it is)."""
+def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):
+    """`max_seq_len`, capped at the model's number of positions (with a note when it is)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(resolve_model(name))
     limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "seq_length") if getattr(config, k, None)), None)
     if limit and max_seq_len > limit:
-        print_rank0(f"note: --max_seq_len {max_seq_len} capped at the model's {limit} positions")
+        print_rank0(f"note: {flag} {max_seq_len} capped at the model's {limit} positions")
         return limit
     return max_seq_len
 

@@ -18,7 +18,7 @@ import random
 
 import torch
 
-from common import UserError, barrier, print_rank0, rank, world_size
+from common import UserError, barrier, cap_seq_len, print_rank0, rank, world_size
 
 # DeepSpeed-Chat's "Human: ... Assistant:" dialogue form (Dahoas/rm-static's own layout).
 PROMPT_TEMPLATE = "Human: {instruction}\n\nAssistant:"
@@ -302,22 +302,27 @@ def last_token_index(attention_mask):
 # Step 3's inputs: prompts, and text for the PPO-ptx language-model loss.
 def build_prompts(args, tokenizer):
     """Phase-3 prompts (train, eval) as lists of token ids; prompts over --max_prompt_seq_len are dropped."""
+    flag = "--max_prompt_seq_len + --max_answer_seq_len"
+    limit = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, flag) - args.max_answer_seq_len
+    if limit < 1:
+        raise UserError(f"--max_answer_seq_len {args.max_answer_seq_len}: leaves no room for a prompt in the model's positions")
     rows = phase_rows(args.data_path, args.split, 3, args.seed)
     out = {}
     for part, part_rows in rows.items():
         ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
-        keep = [i for i, x in enumerate(ids) if len(x) <= args.max_prompt_seq_len]
+        keep = [i for i, x in enumerate(ids) if len(x) <= limit]
         if len(keep) < len(ids):
-            print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than --max_prompt_seq_len {args.max_prompt_seq_len}")
+            print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than {limit} tokens")
         if not keep:
-            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts left after --max_prompt_seq_len {args.max_prompt_seq_len}")
+            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts of at most {limit} tokens")
         out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
     return out["train"], out["eval"]
 
 
 def build_ptx(args, tokenizer):
     """PPO-ptx data: the unsupervised texts cut into blocks of prompt + answer length: [N, L]."""
-    name, block = args.unsupervised_dataset_name, args.max_prompt_seq_len + args.max_answer_seq_len
+    name = args.unsupervised_dataset_name
+    block = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, "PPO-ptx block length")
     try:
         key = resolve_source(name)
     except UserError:

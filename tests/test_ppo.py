@@ -21,7 +21,7 @@ def _metrics(out):
 def test_ppo_runs_and_writes_everything(tmp_path):
     out = str(tmp_path / "ppo")
     proc = run_stage(["ppo.py", *TINY, "--max_steps", "3", "--enable_ema", "--print_answers_interval", "3",
-                      "--output_dir", out])
+                      "--unsupervised_dataset_name", "builtin:sort", "--unsup_coef", "0.5", "--output_dir", out])
     assert "step 3/3 | reward" in proc.stdout and "score" in proc.stdout
     m = _metrics(out)
     for key in ("eval_accuracy_start", "eval_accuracy", "eval_reward_start", "eval_reward", "eval_kl_start", "eval_kl",
@@ -36,6 +36,8 @@ def test_ppo_runs_and_writes_everything(tmp_path):
     AutoModelForCausalLM.from_pretrained(os.path.join(out, "actor"))
     log = open(os.path.join(out, "log.csv")).read().splitlines()
     assert log[0] == "step,name,value" and any(l.startswith("3,reward,") for l in log)
+    ptx = [float(l.split(",")[2]) for l in log if ",ptx_loss," in l]  # PPO-ptx: the LM loss on unsupervised text
+    assert len(ptx) == 3 and all(0 < x < 10 for x in ptx)
 
 
 def test_two_ranks_actor_zero3_critic_zero2(tmp_path):
