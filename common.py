@@ -113,11 +113,21 @@ def check_at_least_one(args, *flags):
 
 
 def check_output_dir(path):
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
+    """The folder can be created and written; the probe removes whatever it created."""
+    created, probe = [], os.path.abspath(path)
     while not os.path.exists(probe):
+        created.append(probe)
         probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    try:
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError as e:
+        raise UserError(f"--output_dir {path}: cannot be created ({e.strerror})") from None
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    if not writable:
         raise UserError(f"--output_dir {path}: not writable")
 
 

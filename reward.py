@@ -17,6 +17,7 @@ and v_head.bias, with score_mean/score_std in config.json; args.json; metrics.js
 """
 import argparse
 import inspect
+import json
 import math
 import os
 import time
@@ -142,13 +143,12 @@ def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
 
 def read_v_head(folder):
     """v_head.weight/bias from a saved reward model's safetensors (single file or sharded), or None."""
-    import json as _json
     from safetensors import safe_open
     if not os.path.isdir(folder):
         return None
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        file = _json.load(open(index))["weight_map"].get("v_head.weight")
+        file = json.load(open(index))["weight_map"].get("v_head.weight")
         files = [file] if file else []
     else:
         files = ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []

@@ -108,3 +108,10 @@ def test_ds_config_batch_hierarchy_and_offload():
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert common.ds_config(2, "fp32", 4, offload=True)["zero_optimization"]["offload_param"]["device"] == "none"
+
+
+def test_output_dir_that_cannot_be_created_is_refused_and_probe_leaves_nothing(tmp_path):
+    with pytest.raises(UserError, match="--output_dir /proc/no/such: cannot be created"):
+        common.check_output_dir("/proc/no/such")
+    common.check_output_dir(str(tmp_path / "a" / "b"))
+    assert not (tmp_path / "a").exists()
