@@ -134,6 +134,7 @@ def check_output_dir(path):
 def check_model_path(name, flag="--model_name_or_path"):
     """A tiny:<type>, a folder with config.json, or a hub name that the Hub (or its cache) resolves."""
     if name.startswith("tiny:"):
+        from builtin import TINY_FAMILIES
         if name[5:] not in TINY_FAMILIES:
             raise UserError(f"{flag} {name}: unknown tiny model type (known: {', '.join('tiny:' + k for k in TINY_FAMILIES)})")
         return
@@ -179,81 +180,17 @@ def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, 
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny models: tiny:<model_type> is a random model of that family with a byte-level tokenizer
-# (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
-# (from_pretrained, save, reload) is the one a hub model takes.
-_D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
-_GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-_LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
-              intermediate_size=_FF // 2, max_position_embeddings=_POS)
-TINY_FAMILIES = {
-    "gpt2": _GPT,
-    "gptj": {**_GPT, "rotary_dim": 16},
-    "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
-    "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
-                max_position_embeddings=_POS, word_embed_proj_dim=_D, dropout=0.0, attention_dropout=0.0),
-    "llama": _LLAMA,
-    "mistral": {**_LLAMA, "sliding_window": None},
-    "qwen2": _LLAMA,
-    "gpt_neox": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_FF,
-                     max_position_embeddings=_POS, hidden_dropout=0.0, attention_dropout=0.0),
-    "bloom": dict(hidden_size=_D, n_layer=_L, n_head=_H, hidden_dropout=0.0, attention_dropout=0.0),
-    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF, max_position_embeddings=_POS,
-                    window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
-                    resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
-}
-TINY_VERSION = 1
-
-
+# Loading: a hub name, a local folder, or tiny:<model_type> (builtin.py).
 def tiny_cache_dir():
+    """Where tiny models and tokenised data caches live ($MINIRLHF_CACHE or ~/.cache/minirlhf)."""
     return os.environ.get("MINIRLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minirlhf"))
 
 
-def byte_tokenizer():
-    """Byte-level BPE with no merges: 256 byte tokens plus <|pad|> (0) and <|endoftext|> (1, EOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<|pad|>": 0, "<|endoftext|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-
-
-def tiny_model_path(model_type):
-    """Folder of tiny:<model_type>, created (deterministically) on first use."""
-    import torch.distributed as dist
-    path = os.path.join(tiny_cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
-    # under torch.distributed, transformers writes weights on rank 0 only: rank 0 builds, the rest wait
-    if not os.path.isfile(os.path.join(path, "config.json")) and (rank() == 0 or not dist.is_initialized()):
-        _write_tiny_model(model_type, path)
-    barrier()
-    return path
-
-
-def _write_tiny_model(model_type, path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    tokenizer = byte_tokenizer()
-    vocab = 8 * math.ceil(len(tokenizer) / 8)
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                                  **TINY_FAMILIES[model_type])
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    torch.random.set_rng_state(state)
-    tmp = f"{path}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another job created it first; both are identical
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def resolve_model(name):
-    return tiny_model_path(name[5:]) if name.startswith("tiny:") else name
+    if name.startswith("tiny:"):
+        import builtin  # imports this module: loaded on first use
+        return builtin.tiny_model_path(name[5:])
+    return name
 
 
 def load_tokenizer(name):

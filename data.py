@@ -10,20 +10,23 @@ Conventions (used by sft.py, reward.py and ppo.py):
   is taken. Training batches are right-padded, generation prompts left-padded; `last_token_index`
   works for both.
 """
+import collections
 import hashlib
 import json
 import math
 import os
-import random
+import re
 
 import torch
 
+import builtin
 from common import UserError, barrier, cap_seq_len, print_rank0, rank, world_size
 
 # DeepSpeed-Chat's "Human: ... Assistant:" dialogue form (Dahoas/rm-static's own layout).
 PROMPT_TEMPLATE = "Human: {instruction}\n\nAssistant:"
 IGNORE_INDEX = -100
 CACHE_VERSION = 1  # bump when tokenisation changes so old caches are not reused
+SPLIT_SEED = 0  # the 9:1 train/eval division of sources that ship only a train split
 
 
 def format_prompt(instruction):
@@ -31,182 +34,258 @@ def format_prompt(instruction):
 
 
 # --------------------------------------------------------------------------------------------
-# builtin:sort, the demo. "Human: sort: d b a c\n\nAssistant:" -> " a b c d".
-# It is built to show why RLHF exists: the demonstrations (step 1) are imperfect in a systematic
-# way -- on lists of SORT_LONG or more letters the demonstrator swaps the last two items most of
-# the time -- plus some random noise, so imitation plateaus; the preference pairs (step 2) are
-# right (correct answer chosen, a corrupted one rejected), so steps 2-3 can fix what step 1 copied.
-SORT_LETTERS = "abcdefghijklmnop"
-SORT_MIN, SORT_MAX, SORT_LONG = 3, 6, 5
-SORT_P_SYSTEMATIC = 0.6  # chance a long-list demonstration has its last two items swapped
-SORT_P_NOISE = 0.1  # chance any demonstration has two random adjacent items swapped
-SORT_N_TRAIN, SORT_N_EVAL = 30000, 1000
-SORT_DATA_SEED = 0  # the demo is a fixed dataset, like a hub one; --seed only drives the split
-SPLIT_SEED = 0  # the 9:1 train/eval division of sources that ship only a train split
+# Dialogues. A prompt is a list of messages [{"role": "system" | "user" | "assistant", "content"}] that
+# ends in a user turn. Rows keep it in "messages"; "prompt" is it rendered in PROMPT_TEMPLATE's form
+# ("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", Anthropic's and Dahoas' layout), or with the
+# tokenizer's own chat template when a stage runs with --chat_template (`apply_chat_template`).
+TURN = re.compile(r"(?:^|\s)(Human|Assistant|USER|ASSISTANT):")
+ROLES = {"Human": "user", "USER": "user", "Assistant": "assistant", "ASSISTANT": "assistant"}
+NAMES = {"user": "Human", "assistant": "Assistant"}
 
 
-def _swap(items, i):
-    items = list(items)
-    items[i], items[i + 1] = items[i + 1], items[i]
-    return items
+def dialogue(text):
+    """Messages of a prompt: "Human:"/"Assistant:" (or vicuna's "USER:"/"ASSISTANT:") turns, text before the
+    first turn as a system message, the trailing empty "Assistant:" dropped; no markers = one user turn."""
+    parts = TURN.split(text)
+    if len(parts) == 1:
+        return [{"role": "user", "content": text.strip()}]
+    msgs = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
+    msgs += [{"role": ROLES[m], "content": c.strip()} for m, c in zip(parts[1::2], parts[2::2])]
+    return msgs[:-1] if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"] else msgs
 
 
-def _corrupt(rng, answer):
-    """A wrong answer of the kinds a careless labeller writes (never equal to `answer`): the last two
-    items swapped (the demonstrators' systematic error), a random adjacent swap, a letter replaced by
-    one not in the list (still sorted: without these the reward model learns "sorted" rather than
-    "the input, sorted", and PPO exploits it), a letter dropped, or one added."""
-    kind = rng.random()
-    if kind < 0.3:
-        out = _swap(answer, len(answer) - 2)
-    elif kind < 0.45:
-        out = _swap(answer, rng.randrange(len(answer) - 1))
-    elif kind < 0.85:
-        out = list(answer)
-        out[rng.randrange(len(out))] = rng.choice([c for c in SORT_LETTERS if c not in answer])
-        out.sort()
-    elif kind < 0.925:
-        out = list(answer)
-        del out[rng.randrange(len(out))]
-    else:
-        out = list(answer)
-        out.insert(rng.randrange(len(out) + 1), rng.choice(SORT_LETTERS))
-    return out if out != answer else _swap(answer, 0)
+def render_prompt(messages):
+    """PROMPT_TEMPLATE's form of a dialogue (the default in all three steps)."""
+    turns = [m["content"] if m["role"] == "system" else f"{NAMES[m['role']]}: {m['content']}" for m in messages]
+    return "\n\n".join(turns) + "\n\nAssistant:"
 
 
-def sort_row(rng, items):
-    answer = sorted(items)
-    demo = answer
-    if len(items) >= SORT_LONG and rng.random() < SORT_P_SYSTEMATIC:
-        demo = _swap(answer, len(answer) - 2)
-    elif rng.random() < SORT_P_NOISE:
-        demo = _swap(answer, rng.randrange(len(answer) - 1))
-    return {"prompt": format_prompt("sort: " + " ".join(items)), "chosen": " " + " ".join(answer),
-            "rejected": " " + " ".join(_corrupt(rng, answer)), "response": " " + " ".join(demo)}
+def make_row(prompt, chosen, rejected=None):
+    """A row from a source's prompt (an instruction or a dialogue) and responses; None (the example is
+    dropped) when the prompt or chosen text is missing or the dialogue does not end with the user."""
+    if not prompt or not chosen or not prompt.strip() or not chosen.strip():
+        return None
+    messages = dialogue(prompt)
+    if messages[-1]["role"] != "user" or not messages[-1]["content"]:
+        return None
+    chosen = " " + chosen.strip()
+    rejected = " " + rejected.strip() if rejected and rejected.strip() else None
+    return {"prompt": render_prompt(messages), "messages": messages, "chosen": chosen, "rejected": rejected, "response": chosen}
 
 
-def sort_rows(n, rng, exclude=frozenset(), unique=False):
-    """n demo rows with list lengths uniform in [SORT_MIN, SORT_MAX]; prompts in `exclude` are never
-    drawn, and with unique=True none repeats (the eval split)."""
-    rows, seen = [], set(exclude)
-    while len(rows) < n:
-        items = rng.sample(SORT_LETTERS, rng.randint(SORT_MIN, SORT_MAX))
-        key = " ".join(items)
-        if key in seen:
-            continue
-        if unique:
-            seen.add(key)
-        rows.append(sort_row(rng, items))
-    return rows, seen
+def check_chat_template(tokenizer, name):
+    if not tokenizer.chat_template:
+        raise UserError(f"--chat_template: the tokenizer of {name} has no chat template (drop the flag to use {PROMPT_TEMPLATE!r})")
 
 
-def sort_check(prompt, response):
-    """Ground truth for builtin:sort: the response (EOS stripped) is the sorted list."""
-    instruction = prompt.split("sort:", 1)[-1].split("\n", 1)[0]
-    return response.strip().split() == sorted(instruction.split())
-
-
-def load_sort(_path):
-    rng = random.Random(SORT_DATA_SEED)
-    evaluation, held_out = sort_rows(SORT_N_EVAL, rng, unique=True)
-    train, _ = sort_rows(SORT_N_TRAIN, rng, exclude=held_out)  # eval prompts never appear in training
-    return {"train": train, "eval": evaluation}
-
-
-# --------------------------------------------------------------------------------------------
-# Real sources. Each adapter maps one hub schema to our rows; `_load_hub` reads a hub name or a
-# local folder holding that repository's files through the same adapter.
-def _load_hub(path, name=None):
-    import datasets
-    try:
-        return datasets.load_dataset(path, name) if name else datasets.load_dataset(path)
-    except (ConnectionError, OSError) as e:
-        if os.path.exists(path):
-            raise UserError(f"--data_path {path}: could not read it as a dataset ({type(e).__name__}: {e})")
-        raise UserError(f"--data_path {path}: not found locally and the Hugging Face Hub is unreachable; "
-                        f"download the dataset repository and pass its folder, e.g. /data/{path}")
-
-
-def _splits(ds, eval_names=("test", "validation", "eval")):
-    """(train, eval) splits of a DatasetDict; a source with only `train` is divided 9:1."""
-    if "train" not in ds:
-        raise UserError(f"dataset has no 'train' split (has: {', '.join(ds)})")
-    for name in eval_names:
-        if name in ds:
-            return ds["train"], ds[name]
-    parts = ds["train"].train_test_split(test_size=0.1, seed=SPLIT_SEED)
-    return parts["train"], parts["test"]
-
-
-def _require(columns, needed, where):
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise UserError(f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(columns)})")
-
-
-def _rows(split, fn, where, needed):
-    _require(split.column_names, needed, where)
-    return [r for r in (fn(x) for x in split) if r is not None]
-
-
-def _row(prompt, chosen, rejected=None):
-    chosen = " " + chosen.lstrip(" ")
-    return {"prompt": prompt, "chosen": chosen,
-            "rejected": None if rejected is None else " " + rejected.lstrip(" "), "response": chosen}
-
-
-def load_rm_static(path):
-    # Dahoas/rm-static: prompt ("\n\nHuman: ...\n\nAssistant:"), response, chosen, rejected.
-    train, evaluation = _splits(_load_hub(path))
-    fn = lambda x: _row(x["prompt"].strip(), x["chosen"], x["rejected"])  # noqa: E731
-    need = ("prompt", "chosen", "rejected")
-    return {"train": _rows(train, fn, path, need), "eval": _rows(evaluation, fn, path, need)}
-
-
-def load_local_jsonfile(_path):
-    # DeepSpeed-Chat's local/jsonfile: data/train.json and data/eval.json in the working directory,
-    # each a JSON list (or JSON lines) of {"prompt", "chosen", "rejected"}; prompt is the raw request.
-    out = {}
-    for split, name in (("train", "data/train.json"), ("eval", "data/eval.json")):
-        if not os.path.isfile(name):
-            raise UserError(f"--data_path local/jsonfile: {os.path.abspath(name)} does not exist")
-        with open(name) as f:
-            text = f.read()
+def check_same_template(chat_template, models):
+    """All three steps must render prompts alike: refuse a model whose args.json (written by step 1 or 2)
+    records the other choice. models: {flag: path}."""
+    for flag, path in models.items():
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not records:
-            raise UserError(f"{name}: no rows")
-        _require(list(records[0]), ("prompt", "chosen"), name)
-        out[split] = [_row(format_prompt(r["prompt"]), r["chosen"], r.get("rejected")) for r in records]
+            with open(os.path.join(path, "args.json")) as f:
+                used = json.load(f).get("chat_template", False)
+        except (OSError, ValueError):
+            continue  # not one of our outputs: nothing recorded
+        if used != chat_template:
+            raise UserError(f"--chat_template: {flag} {path} was trained {'with' if used else 'without'} it; use the same setting here")
+
+
+def apply_chat_template(rows, tokenizer):
+    """Rows re-rendered with the tokenizer's chat template: the prompt ends with the template's assistant
+    header, responses lose their leading space. A BOS written by the template is removed when the
+    tokenizer adds one itself, so it is never doubled."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    out = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+        if adds_bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
+        strip = lambda t: None if t is None else t.strip()  # noqa: E731
+        out.append({**r, "prompt": prompt, "chosen": strip(r["chosen"]), "rejected": strip(r["rejected"]), "response": strip(r["response"])})
     return out
 
 
-# name -> (loader, ground-truth checker or None). A --data_path is a key, or a folder ending in one.
+# --------------------------------------------------------------------------------------------
+# Sources: one adapter per hub schema, example -> (prompt, chosen, rejected) or None to drop it. A
+# --data_path is a hub name, a local folder whose path ends with one and holds that repository's files
+# (datasets infers splits from their names), or a .json/.jsonl/.parquet file (FILE_SOURCE). `files`
+# names the repository files to read where inference would read the wrong ones, `hub` where the hub
+# copy differs (script repositories: their parquet export). Schemas: each dataset's hub card; mapping:
+# DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat/utils/data/raw_datasets.py.
+Source = collections.namedtuple("Source", "columns adapter files hub check load", defaults=(None, None, None, None))
+FILE_SOURCE = "file"
+DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
+
+
+def _triple(x):  # prompt, chosen, rejected columns as they are
+    return x["prompt"], x["chosen"], x["rejected"]
+
+
+def _after_assistant(text):  # yitingxie: responses carry the final "Assistant:" header
+    return text.split("Assistant:")[-1]
+
+
+def _uncite(text):  # WebGPT answers cite their browsing quotes as [1], [2, 3]: meaningless without them
+    return re.sub(r"\s?\[\d+(?:,\s*\d+)*\]", "", text)
+
+
+def _webgpt(x):  # the higher-scored answer is chosen; ties carry no preference and are dropped
+    if x["score_0"] == x["score_1"]:
+        return None
+    better, worse = (x["answer_0"], x["answer_1"]) if x["score_0"] > x["score_1"] else (x["answer_1"], x["answer_0"])
+    return x["question"]["full_text"], _uncite(better), _uncite(worse)
+
+
+def _shp(x):  # labels == 1: human_ref_A preferred
+    a, b = x["human_ref_A"], x["human_ref_B"]
+    return (x["history"], a, b) if int(x["labels"]) == 1 else (x["history"], b, a)
+
+
+def _first(items, key=None):
+    return (items[0][key] if key else items[0]) if items else None
+
+
+def _hh(x):  # whole dialogues: the prompt is everything up to the last "\n\nAssistant:"
+    cut = x["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+    if cut < len("\n\nAssistant:") or not x["rejected"].startswith(x["chosen"][:cut]):
+        return None  # no assistant turn, or the two dialogues differ before their last answer
+    return x["chosen"][:cut], x["chosen"][cut:], x["rejected"][cut:]
+
+
+def _mkqa(lang):
+    return lambda x: (x["queries"][lang], _first(x["answers"][lang], "text"), None)
+
+
+def _miracl(x):
+    return x["query"], _first(x["positive_passages"], "text"), _first(x["negative_passages"], "text")
+
+
+def _sort():  # builtin:sort keeps its imperfect demonstrations as the step-1 responses
+    rows = lambda xs: [{**make_row(x["prompt"], x["chosen"], x["rejected"]), "response": " " + x["response"]} for x in xs]  # noqa: E731
+    return {part: rows(xs) for part, xs in builtin.sort_dataset().items()}
+
+
+def _file(x):  # generic files: prompt with chosen (+ rejected) or response
+    return x["prompt"], x.get("chosen") or x.get("response"), x.get("rejected")
+
+
+MKQA = "hf://datasets/apple/mkqa@~parquet/mkqa/train/*.parquet"
 SOURCES = {
-    "builtin:sort": (load_sort, sort_check),
-    "Dahoas/rm-static": (load_rm_static, None),
-    "local/jsonfile": (load_local_jsonfile, None),
+    "builtin:sort": Source((), None, check=builtin.sort_check, load=_sort),
+    "Dahoas/rm-static": Source(("prompt", "chosen", "rejected"), _triple),
+    "Dahoas/full-hh-rlhf": Source(("prompt", "chosen", "rejected"), _triple),
+    "Dahoas/synthetic-instruct-gptj-pairwise": Source(("prompt", "chosen", "rejected"), _triple),
+    "yitingxie/rlhf-reward-datasets": Source(("prompt", "chosen", "rejected"), lambda x: (
+        x["prompt"] + "Assistant:", _after_assistant(x["chosen"]), _after_assistant(x["rejected"]))),
+    "openai/webgpt_comparisons": Source(("question", "answer_0", "answer_1", "score_0", "score_1"), _webgpt,
+                                        hub={"train": "hf://datasets/openai/webgpt_comparisons@~parquet/default/train/*.parquet"}),
+    "stanfordnlp/SHP": Source(("history", "human_ref_A", "human_ref_B", "labels"), _shp),
+    "pvduy/sharegpt_alpaca_oa_vicuna_format": Source(("prompt", "label"), lambda x: (x["prompt"], x["label"], None)),
+    "wangrui6/Zhihu-KOL": Source(("INSTRUCTION", "RESPONSE"), lambda x: (x["INSTRUCTION"], x["RESPONSE"], None)),
+    "Cohere/miracl-zh-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
+    "Cohere/miracl-ja-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
+    "Hello-SimpleAI/HC3-Chinese": Source(("question", "human_answers"), lambda x: (x["question"], _first(x["human_answers"]), None),
+                                         files={"train": "all.jsonl"}),
+    "mkqa-Chinese": Source(("queries", "answers"), _mkqa("zh_cn"), hub={"train": MKQA}),
+    "mkqa-Japanese": Source(("queries", "answers"), _mkqa("ja"), hub={"train": MKQA}),
+    "lmqg/qg_jaquad": Source(("question", "sentence"), lambda x: (x["question"], x["sentence"], None),
+                             files={"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}),
+    "lmqg/qag_jaquad": Source(("questions", "paragraph"), lambda x: (_first(x["questions"]), x["paragraph"], None),
+                              files={"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}),
+    # DeepSpeed-Chat's own: data/train.json and data/eval.json in the working directory
+    "local/jsonfile": Source(("prompt", "chosen"), _file, files={"train": "data/train.json", "eval": "data/eval.json"}),
+    "Anthropic/hh-rlhf": Source(("chosen", "rejected"), _hh, files={"train": "*/train.jsonl.gz", "test": "*/test.jsonl.gz"}),
+    FILE_SOURCE: Source(("prompt", "chosen|response"), _file),
 }
 
 
 def resolve_source(path):
-    """The SOURCES key for a --data_path: the name itself, or a local folder whose path ends with it."""
-    if path in SOURCES:
+    """The SOURCES key for a --data_path: the name itself, a local folder whose path ends with it, or a
+    data file."""
+    if path in SOURCES and path != FILE_SOURCE:
         return path
     norm = os.path.normpath(path)
+    if os.path.isfile(norm) and norm.endswith(DATA_EXTENSIONS):
+        return FILE_SOURCE
     for key in SOURCES:
         if norm.endswith(os.sep + os.path.normpath(key)) and os.path.isdir(norm):
             return key
-    known = ", ".join(SOURCES)
-    raise UserError(f"--data_path {path}: unknown dataset (known: {known}; or a local folder ending in one of them)")
+    known = ", ".join(k for k in SOURCES if k != FILE_SOURCE)
+    raise UserError(f"--data_path {path}: unknown dataset (known: {known}; or a local folder ending in one of them, or a {'/'.join(DATA_EXTENSIONS)} file)")
 
 
 def checker_for(paths):
     """The ground-truth checker shared by all sources, or None when any source has none."""
-    checks = {SOURCES[resolve_source(p)][1] for p in paths}
+    checks = {SOURCES[resolve_source(p)].check for p in paths}
     return checks.pop() if len(checks) == 1 else None
+
+
+def _load_dataset(path, key, src):
+    """({split: Dataset}, {split: file pattern}) of a source: a local folder, file or (local/jsonfile) the
+    working directory, or the hub. Named files load one split at a time, so each split's columns are
+    checked, and named, on their own."""
+    import datasets
+    datasets.disable_progress_bars()
+    local = key in ("local/jsonfile", FILE_SOURCE) or os.path.isdir(path)
+    files = {"train": path} if key == FILE_SOURCE else src.files if local else src.hub or src.files
+    if files and not local:
+        files = {s: f if f.startswith("hf://") else f"hf://datasets/{key}/{f}" for s, f in files.items()}
+    elif files and key != FILE_SOURCE:
+        files = {s: os.path.join("." if key == "local/jsonfile" else path, f) for s, f in files.items()}
+    try:
+        if files:
+            builder = lambda f: "parquet" if f.endswith(".parquet") else "json"  # noqa: E731
+            return {s: datasets.load_dataset(builder(f), data_files={s: f}, split=s) for s, f in files.items()}, files
+        return dict(datasets.load_dataset(path)), {}
+    except FileNotFoundError as e:
+        raise UserError(f"--data_path {path}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # "Dataset scripts are no longer supported": a script-only hub repository
+        raise UserError(f"--data_path {path}: {e}; download its parquet export (revision refs/convert/parquet) and pass that folder") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = str(e.__cause__ or e).splitlines()[0]
+        raise UserError(f"--data_path {path}: cannot read its files ({cause})") from None
+    except (ConnectionError, OSError) as e:
+        if local:
+            raise UserError(f"--data_path {path}: could not read it as a dataset ({type(e).__name__}: {e})") from None
+        raise UserError(f"--data_path {path}: not found locally and the Hugging Face Hub is unreachable; "
+                        f"download the dataset repository and pass its folder, e.g. /data/{key}") from None
+
+
+def _splits(ds, path):
+    """[(name, train), (name, eval)] of {split: Dataset}; a source with only `train` is divided 9:1, the
+    same way every time."""
+    if "train" not in ds:
+        raise UserError(f"--data_path {path}: no 'train' split (has: {', '.join(ds)})")
+    for name in ("test", "validation", "eval", "dev"):
+        if name in ds:
+            return [("train", ds["train"]), (name, ds[name])]
+    parts = ds["train"].train_test_split(test_size=0.1, seed=SPLIT_SEED)
+    return [("train", parts["train"]), ("train", parts["test"])]
+
+
+def load_source(path):
+    """{"train": rows, "eval": rows} of one --data_path, through its adapter."""
+    key = resolve_source(path)
+    src = SOURCES[key]
+    if src.load:
+        return src.load()
+    out, dropped = {}, 0
+    ds, files = _load_dataset(path, key, src)
+    for part, (name, split) in zip(("train", "eval"), _splits(ds, path)):
+        where = f"--data_path {path}" + (f" ({files[name]})" if name in files and files[name] != path else "")
+        missing = [c for c in src.columns if not any(a in split.column_names for a in c.split("|"))]
+        if missing:
+            raise UserError(f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(split.column_names)})")
+        rows = [make_row(*t) if t else None for t in map(src.adapter, split)]
+        out[part] = [r for r in rows if r]
+        dropped += len(rows) - len(out[part])
+        if not out[part]:
+            raise UserError(f"{where}: no usable {part} rows (all {len(rows)} lack a prompt or a response)")
+    if dropped:
+        print_rank0(f"data: {path}: dropped {dropped} examples without a usable prompt/response (or tied scores)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,20 +312,22 @@ def phase_indices(n, split, phase, seed):
     return sorted(perm[lo:hi])
 
 
-def phase_rows(paths, split, phase, seed, need_pairs=False):
-    """{"train": rows, "eval": rows} of one phase, blended over every --data_path."""
+def phase_rows(paths, split, phase, seed, need_pairs=False, chat_tokenizer=None):
+    """{"train": rows, "eval": rows} of one phase, blended over every --data_path; with need_pairs only rows
+    with a rejected response; with chat_tokenizer rendered in its chat template (--chat_template)."""
     out = {"train": [], "eval": []}
     for path in paths:
-        key = resolve_source(path)
-        raw = SOURCES[key][0](path)
+        raw = load_source(path)
         for part in out:
-            rows = raw[part]
-            if need_pairs and rows and rows[0]["rejected"] is None:
+            rows = [r for r in raw[part] if r["rejected"] is not None] if need_pairs else raw[part]
+            if not rows:
                 raise UserError(f"--data_path {path}: has no chosen/rejected pairs (needed for the reward model)")
             out[part] += [rows[i] for i in phase_indices(len(rows), split, phase, seed)]
     for part, rows in out.items():
         if not rows:
             raise UserError(f"--data_path {' '.join(paths)}: no {part} rows left for phase {phase} of --data_split")
+        if chat_tokenizer is not None:
+            out[part] = apply_chat_template(rows, chat_tokenizer)
     return out
 
 
@@ -306,7 +387,7 @@ def build_prompts(args, tokenizer):
     limit = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, flag) - args.max_answer_seq_len
     if limit < 1:
         raise UserError(f"--max_answer_seq_len {args.max_answer_seq_len}: leaves no room for a prompt in the model's positions")
-    rows = phase_rows(args.data_path, args.split, 3, args.seed)
+    rows = phase_rows(args.data_path, args.split, 3, args.seed, chat_tokenizer=tokenizer if args.chat_template else None)
     out = {}
     for part, part_rows in rows.items():
         ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
@@ -328,7 +409,7 @@ def build_ptx(args, tokenizer):
     except UserError:
         key = None
     if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
-        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed)["train"]]
+        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed, chat_tokenizer=tokenizer if args.chat_template else None)["train"]]
     else:
         import datasets
         try:

@@ -22,7 +22,6 @@ Tensor names (B sequences, Tq query tokens left-padded, Tr response tokens):
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -45,6 +44,7 @@ def parse_args(argv=None):
     a("--critic", "--critic_model_name_or_path", dest="critic", default=None, help="critic init (default: the reward model)")
     a("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) whose phase-3 prompts are used")
     a("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
+    a("--chat_template", action="store_true", help="render prompts with the tokenizer's chat template instead of \"Human: ... Assistant:\" (use the same in all three steps)")
     a("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="where the tokenised cache lives")
     a("--output_dir", required=True, help="actor/, critic/, actor_ema/, metrics.json, generations, checkpoints/")
     a("--unsupervised_dataset_name", default=None, help="PPO-ptx: text dataset (hub name, local folder or a --data_path source) for the LM loss")
@@ -145,6 +145,7 @@ def check_args(args):
     common.check_model_path(args.actor, "--actor")
     common.check_model_path(args.reward, "--reward")
     common.check_model_path(args.critic, "--critic")
+    data.check_same_template(args.chat_template, {"--actor": args.actor, "--reward": args.reward})
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,6 +579,8 @@ def main(argv=None):
     device = common.init_distributed()
     common.set_seed(args.seed)
     tokenizer = common.load_tokenizer(args.actor)
+    if args.chat_template:
+        data.check_chat_template(tokenizer, args.actor)
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
     (train_prompts, _), (eval_prompts, eval_texts) = data.build_prompts(args, tokenizer)

@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", required=True, help="backbone: step-1 output, hub name, local HF folder or tiny:<model_type>")
     p.add_argument("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) with chosen/rejected pairs to blend")
     p.add_argument("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
+    p.add_argument("--chat_template", action="store_true", help="render prompts with the tokenizer's chat template instead of \"Human: ... Assistant:\" (use the same in all three steps)")
     p.add_argument("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="where the tokenised cache lives")
     p.add_argument("--output_dir", required=True, help="where the reward model folder, args.json and metrics.json go")
     p.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
@@ -82,6 +83,7 @@ def check_args(args):
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
+    data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def pair_stats(chosen, rejected):
 
 
 def build_data(args, tokenizer):
-    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need_pairs=True)
+    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need_pairs=True, chat_tokenizer=tokenizer if args.chat_template else None)
     def encode(r):
         return {"chosen_ids": data.encode_pair(tokenizer, r["prompt"], r["chosen"], args.max_seq_len)["input_ids"],
                 "rejected_ids": data.encode_pair(tokenizer, r["prompt"], r["rejected"], args.max_seq_len)["input_ids"]}
@@ -222,6 +224,8 @@ def main(argv=None):
     from transformers import get_scheduler
 
     tokenizer = common.load_tokenizer(args.model_name_or_path)
+    if args.chat_template:
+        data.check_chat_template(tokenizer, args.model_name_or_path)
     args.max_seq_len = common.cap_seq_len(args.model_name_or_path, args.max_seq_len)
 
     # ---- data: phase-2 pairs of every --data_path, before the model loads

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", required=True, help="hub name, local HF folder, or tiny:<model_type>")
     p.add_argument("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) to blend: hub name, local folder ending in one, local/jsonfile, builtin:sort")
     p.add_argument("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
+    p.add_argument("--chat_template", action="store_true", help="render prompts with the tokenizer's chat template instead of \"Human: ... Assistant:\" (use the same in all three steps)")
     p.add_argument("--sft_only_data_path", nargs="*", default=[], help="datasets used in step 1 only (all of their rows)")
     p.add_argument("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="where the tokenised cache lives")
     p.add_argument("--output_dir", required=True, help="where the HF model folder, args.json and metrics.json go")
@@ -90,9 +91,10 @@ def response_nll(logits, labels):
 
 def build_data(args, tokenizer):
     """Tokenised phase-1 train/eval sets (rows keep their prompt for the accuracy check)."""
-    rows = data.phase_rows(args.data_path, args.split, 1, args.seed)
+    chat = tokenizer if args.chat_template else None
+    rows = data.phase_rows(args.data_path, args.split, 1, args.seed, chat_tokenizer=chat)
     for path in args.sft_only_data_path:
-        rows["train"] += data.phase_rows([path], [1, 0, 0], 1, args.seed)["train"]
+        rows["train"] += data.phase_rows([path], [1, 0, 0], 1, args.seed, chat_tokenizer=chat)["train"]
     encode = lambda r: {**data.encode_pair(tokenizer, r["prompt"], r["response"], args.max_seq_len, args.train_on_prompt), "prompt": r["prompt"]}  # noqa: E731
     return data.build_cached("sft", rows, tokenizer, args.data_output_path, encode,
                              max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt)
@@ -144,6 +146,8 @@ def main(argv=None):
     from transformers import get_scheduler
 
     tokenizer = common.load_tokenizer(args.model_name_or_path)
+    if args.chat_template:
+        data.check_chat_template(tokenizer, args.model_name_or_path)
     args.max_seq_len = common.cap_seq_len(args.model_name_or_path, args.max_seq_len)
 
     # ---- data: phase 1 of every --data_path (plus --sft_only_data_path), before the model loads

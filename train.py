@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-zero-stage", type=int, default=None, help="ZeRO stage of step 2 and step 3's critic (default: each step's own)")
     p.add_argument("--output-dir", default="output", help="where the step folders and the report go")
     p.add_argument("--seed", type=int, default=1234, help="seed for all steps (the data split must agree across them)")
+    p.add_argument("--chat-template", action="store_true", help="all steps render prompts with the tokenizer's chat template")
     p.add_argument("--checkpoint-interval", type=int, default=25, help="step 3 saves a resumable checkpoint every N PPO steps")
     for i in (1, 2, 3):
         p.add_argument(f"--step{i}-args", default="", help=f"extra flags for {STEPS[i][0]}, as one quoted string")
@@ -76,6 +77,7 @@ def _cuda_count():
 def step_command(i, args):
     out = lambda j: os.path.join(args.output_dir, STEPS[j][1])  # noqa: E731
     common = ["--data_path", *args.data_path, "--seed", str(args.seed), "--output_dir", out(i)]
+    common += ["--chat_template"] if args.chat_template else []
     if i == 1:
         cmd = ["--model_name_or_path", args.actor_model]
         cmd += ["--zero_stage", str(args.actor_zero_stage)] if args.actor_zero_stage is not None else []

@@ -1,8 +1,8 @@
 import random
 
 import pytest
-import torch
 
+import builtin
 import common
 import data
 from common import UserError
@@ -60,26 +60,26 @@ def test_malformed_data_split_is_refused(bad):
 
 def test_sort_checker():
     prompt = data.format_prompt("sort: d b a c")
-    assert data.sort_check(prompt, " a b c d")
-    assert data.sort_check(prompt, "a b c d  ")
-    assert not data.sort_check(prompt, " a b d c")
-    assert not data.sort_check(prompt, " a b c")
-    assert not data.sort_check(prompt, " a b c d e")
+    assert builtin.sort_check(prompt, " a b c d")
+    assert builtin.sort_check(prompt, "a b c d  ")
+    assert not builtin.sort_check(prompt, " a b d c")
+    assert not builtin.sort_check(prompt, " a b c")
+    assert not builtin.sort_check(prompt, " a b c d e")
 
 
 def test_sort_demo_pairs_are_right_and_demonstrations_imperfect():
-    rows, _ = data.sort_rows(3000, random.Random(0))
-    assert all(data.sort_check(r["prompt"], r["chosen"]) for r in rows)
-    assert not any(data.sort_check(r["prompt"], r["rejected"]) for r in rows)
-    long_rows = [r for r in rows if len(r["chosen"].split()) >= data.SORT_LONG]
-    short_rows = [r for r in rows if len(r["chosen"].split()) < data.SORT_LONG]
-    wrong = lambda rs: sum(not data.sort_check(r["prompt"], r["response"]) for r in rs) / len(rs)  # noqa: E731
-    assert abs(wrong(long_rows) - (data.SORT_P_SYSTEMATIC + (1 - data.SORT_P_SYSTEMATIC) * data.SORT_P_NOISE)) < 0.05
-    assert abs(wrong(short_rows) - data.SORT_P_NOISE) < 0.03
+    rows, _ = builtin.sort_examples(3000, random.Random(0))
+    assert all(builtin.sort_check(r["prompt"], r["chosen"]) for r in rows)
+    assert not any(builtin.sort_check(r["prompt"], r["rejected"]) for r in rows)
+    long_rows = [r for r in rows if len(r["chosen"].split()) >= builtin.SORT_LONG]
+    short_rows = [r for r in rows if len(r["chosen"].split()) < builtin.SORT_LONG]
+    wrong = lambda rs: sum(not builtin.sort_check(r["prompt"], r["response"]) for r in rs) / len(rs)  # noqa: E731
+    assert abs(wrong(long_rows) - (builtin.SORT_P_SYSTEMATIC + (1 - builtin.SORT_P_SYSTEMATIC) * builtin.SORT_P_NOISE)) < 0.05
+    assert abs(wrong(short_rows) - builtin.SORT_P_NOISE) < 0.03
 
 
 def test_sort_eval_prompts_never_appear_in_training():
-    raw = data.load_sort("builtin:sort")
+    raw = data.load_source("builtin:sort")
     assert not {r["prompt"] for r in raw["train"]} & {r["prompt"] for r in raw["eval"]}
 
 
@@ -103,7 +103,8 @@ def test_rm_static_local_copy_loads_through_its_adapter(tmp_path):
     datasets.Dataset.from_list([row] * 4).to_parquet(str(folder / "test-00000-of-00001.parquet"))
     rows = data.phase_rows([str(folder.parent)], [1, 0, 0], 1, seed=1)
     assert len(rows["train"]) == 10 and len(rows["eval"]) == 4
-    assert rows["train"][0] == {"prompt": "Human: How are you?\n\nAssistant:", "chosen": " Fine.", "rejected": " Go away.", "response": " Fine."}
+    assert rows["train"][0] == {"prompt": "Human: How are you?\n\nAssistant:", "chosen": " Fine.", "rejected": " Go away.", "response": " Fine.",
+                                "messages": [{"role": "user", "content": "How are you?"}]}
 
 
 def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
@@ -111,7 +112,7 @@ def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.json").write_text('[{"prompt": "hi", "rejected": "no"}]')
     (tmp_path / "data" / "eval.json").write_text('[{"prompt": "hi", "chosen": "yes", "rejected": "no"}]')
-    with pytest.raises(UserError, match="data/train.json: missing column.*chosen"):
+    with pytest.raises(UserError, match=r"--data_path local/jsonfile \(./data/train.json\): missing column\(s\) chosen"):
         data.phase_rows(["local/jsonfile"], [1, 1, 1], 1, seed=1)
 
 

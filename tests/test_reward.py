@@ -8,7 +8,7 @@ import torch
 import common
 import data
 from conftest import assert_one_line_error, run_stage
-from reward import RewardModel, end_scores, load_reward_model, pair_stats, pairwise_loss, save_reward_model
+from reward import end_scores, load_reward_model, pair_stats, pairwise_loss, save_reward_model
 
 
 def test_pairwise_loss_matches_hand_computation():

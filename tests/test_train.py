@@ -53,5 +53,8 @@ def test_step_commands_pass_models_stages_and_extra_args(tmp_path):
     assert c2[c2.index("--model_name_or_path") + 1] == "tiny:llama" and c2[c2.index("--zero_stage") + 1] == "2"
     assert c3[c3.index("--actor") + 1] == os.path.join(str(tmp_path), "step1_sft")
     assert c3[c3.index("--critic_zero_stage") + 1] == "2" and c3[-2:] == ["--kl_coef", "0.05"]
+    assert not any("--chat_template" in c for c in (c1, c2, c3))
+    chat = train.parse_args(["--output-dir", str(tmp_path), "--chat-template"])
+    assert all("--chat_template" in train.step_command(i, chat) for i in (1, 2, 3))  # one choice for all three steps
     assert train.launcher(train.parse_args(["--num-gpus", "2"])) == ["deepspeed", "--num_gpus", "2"]
     assert train.launcher(train.parse_args(["--num-gpus", "0"])) == [sys.executable]

@@ -1,0 +1,168 @@
+"""Built-in stand-ins for what a user downloads from the hub, made by the project itself so that
+everything runs offline: tiny:<model_type> models (one per supported family) and the builtin:sort
+demo dataset. data.py and common.py turn them into rows and models like any other source."""
+import math
+import os
+import random
+import re
+import shutil
+
+import torch
+
+from common import barrier, rank, tiny_cache_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models: tiny:<model_type> is a random model of that family with a byte-level tokenizer
+# (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
+# (from_pretrained, save, reload) is the one a hub model takes.
+_D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
+_GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
+              intermediate_size=_FF // 2, max_position_embeddings=_POS)
+TINY_FAMILIES = {
+    "gpt2": _GPT,
+    "gptj": {**_GPT, "rotary_dim": 16},
+    "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
+    "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
+                max_position_embeddings=_POS, word_embed_proj_dim=_D, dropout=0.0, attention_dropout=0.0),
+    "llama": _LLAMA,
+    "mistral": {**_LLAMA, "sliding_window": None},
+    "qwen2": _LLAMA,
+    "gpt_neox": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_FF,
+                     max_position_embeddings=_POS, hidden_dropout=0.0, attention_dropout=0.0),
+    "bloom": dict(hidden_size=_D, n_layer=_L, n_head=_H, hidden_dropout=0.0, attention_dropout=0.0),
+    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF, max_position_embeddings=_POS,
+                    window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
+                    resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
+}
+TINY_VERSION = 1
+
+
+def byte_tokenizer():
+    """Byte-level BPE with no merges: 256 byte tokens plus <|pad|> (0) and <|endoftext|> (1, EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|pad|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def tiny_model_path(model_type):
+    """Folder of tiny:<model_type>, created (deterministically) on first use."""
+    import torch.distributed as dist
+    path = os.path.join(tiny_cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
+    # under torch.distributed, transformers writes weights on rank 0 only: rank 0 builds, the rest wait
+    if not os.path.isfile(os.path.join(path, "config.json")) and (rank() == 0 or not dist.is_initialized()):
+        _write_tiny_model(model_type, path)
+    barrier()
+    return path
+
+
+def _write_tiny_model(model_type, path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tokenizer = byte_tokenizer()
+    vocab = 8 * math.ceil(len(tokenizer) / 8)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                  **TINY_FAMILIES[model_type])
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    torch.random.set_rng_state(state)
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another job created it first; both are identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# builtin:sort, the demo dataset: "sort: d b a c" -> "a b c d" (data.py puts it in the prompt template).
+# It is built to show why RLHF exists: the demonstrations (step 1) are imperfect in a systematic
+# way -- on lists of SORT_LONG or more letters the demonstrator swaps the last two items most of
+# the time -- plus some random noise, so imitation plateaus; the preference pairs (step 2) are
+# right (correct answer chosen, a corrupted one rejected), so steps 2-3 can fix what step 1 copied.
+SORT_LETTERS = "abcdefghijklmnop"
+SORT_MIN, SORT_MAX, SORT_LONG = 3, 6, 5
+SORT_P_SYSTEMATIC = 0.6  # chance a long-list demonstration has its last two items swapped
+SORT_P_NOISE = 0.1  # chance any demonstration has two random adjacent items swapped
+SORT_N_TRAIN, SORT_N_EVAL = 30000, 1000
+SORT_DATA_SEED = 0  # the demo is a fixed dataset, like a hub one; --seed only drives the split
+
+
+def _swap(items, i):
+    items = list(items)
+    items[i], items[i + 1] = items[i + 1], items[i]
+    return items
+
+
+def _corrupt(rng, answer):
+    """A wrong answer of the kinds a careless labeller writes (never equal to `answer`): the last two
+    items swapped (the demonstrators' systematic error), a random adjacent swap, a letter replaced by
+    one not in the list (still sorted: without these the reward model learns "sorted" rather than
+    "the input, sorted", and PPO exploits it), a letter dropped, or one added."""
+    kind = rng.random()
+    if kind < 0.3:
+        out = _swap(answer, len(answer) - 2)
+    elif kind < 0.45:
+        out = _swap(answer, rng.randrange(len(answer) - 1))
+    elif kind < 0.85:
+        out = list(answer)
+        out[rng.randrange(len(out))] = rng.choice([c for c in SORT_LETTERS if c not in answer])
+        out.sort()
+    elif kind < 0.925:
+        out = list(answer)
+        del out[rng.randrange(len(out))]
+    else:
+        out = list(answer)
+        out.insert(rng.randrange(len(out) + 1), rng.choice(SORT_LETTERS))
+    return out if out != answer else _swap(answer, 0)
+
+
+def sort_example(rng, items):
+    """{"prompt", "chosen", "rejected", "response"} texts of one list: the instruction, the right answer, a
+    corrupted one, and the (imperfect) demonstration."""
+    answer = sorted(items)
+    demo = answer
+    if len(items) >= SORT_LONG and rng.random() < SORT_P_SYSTEMATIC:
+        demo = _swap(answer, len(answer) - 2)
+    elif rng.random() < SORT_P_NOISE:
+        demo = _swap(answer, rng.randrange(len(answer) - 1))
+    return {"prompt": "sort: " + " ".join(items), "chosen": " ".join(answer), "rejected": " ".join(_corrupt(rng, answer)),
+            "response": " ".join(demo)}
+
+
+def sort_examples(n, rng, exclude=frozenset(), unique=False):
+    """n demo examples with list lengths uniform in [SORT_MIN, SORT_MAX]; prompts in `exclude` are never
+    drawn, and with unique=True none repeats (the eval split)."""
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        items = rng.sample(SORT_LETTERS, rng.randint(SORT_MIN, SORT_MAX))
+        key = " ".join(items)
+        if key in seen:
+            continue
+        if unique:
+            seen.add(key)
+        rows.append(sort_example(rng, items))
+    return rows, seen
+
+
+def sort_check(prompt, response):
+    """Ground truth for builtin:sort: the response (EOS stripped) is the sorted list. Reads the letters
+    after "sort:" in any prompt template."""
+    items = re.search(r"sort:((?: [a-z])+)", prompt)
+    return items is not None and response.strip().split() == sorted(items.group(1).split())
+
+
+def sort_dataset():
+    """{"train": examples, "eval": examples}: SORT_N_TRAIN / SORT_N_EVAL of them, always the same."""
+    rng = random.Random(SORT_DATA_SEED)
+    evaluation, held_out = sort_examples(SORT_N_EVAL, rng, unique=True)
+    train, _ = sort_examples(SORT_N_TRAIN, rng, exclude=held_out)  # eval prompts never appear in training
+    return {"train": train, "eval": evaluation}
