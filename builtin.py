@@ -17,6 +17,7 @@ from common import barrier, rank, tiny_cache_dir
 # (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
 # (from_pretrained, save, reload) is the one a hub model takes.
 _D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
+TINY_LAYERS = _L
 _GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 _LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
               intermediate_size=_FF // 2, max_position_embeddings=_POS)
@@ -25,7 +26,7 @@ TINY_FAMILIES = {
     "gptj": {**_GPT, "rotary_dim": 16},
     "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
     "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
-                max_position_embeddings=_POS, word_embed_proj_dim=_D, dropout=0.0, attention_dropout=0.0),
+                max_position_embeddings=_POS, word_embed_proj_dim=_D // 2, dropout=0.0, attention_dropout=0.0),  # as opt-350m
     "llama": _LLAMA,
     "mistral": {**_LLAMA, "sliding_window": None},
     "qwen2": _LLAMA,
@@ -36,7 +37,7 @@ TINY_FAMILIES = {
                     window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
                     resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
 }
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 
 def byte_tokenizer():

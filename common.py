@@ -90,11 +90,28 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def backward_step(engine, loss):
+    """engine.backward(loss) + engine.step(), unless the loss is NaN/inf on any rank: then every rank skips
+    this micro-batch (so collectives stay in step) and False is returned for the caller to count. A
+    non-finite loss thus never reaches the weights, nor a checkpoint."""
+    import torch.distributed as dist
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        return False
+    engine.backward(loss)
+    engine.step()
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Argument checks shared by the stages; each raises a one-line UserError before any heavy work.
-def check_zero_stage(stage, flag="--zero_stage"):
+def check_zero_stage(stage, flag="--zero_stage", offload=False):
     if stage not in (0, 1, 2, 3):
         raise UserError(f"{flag} {stage}: must be 0, 1, 2 or 3")
+    if offload and stage == 0:  # DeepSpeedCPUAdam would then meet parameters DeepSpeed never moved to the CPU
+        raise UserError(f"--offload with {flag} 0: DeepSpeed offloads optimizer state only under ZeRO 1-3; use {flag} 2 or 3")
 
 
 def check_dtype(dtype):
@@ -193,13 +210,13 @@ def resolve_model(name):
     return name
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, flag="--model_name_or_path"):
     """The model's tokenizer with a PAD distinct from EOS (added when missing), so padding never
     hides the end of a response."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     if tokenizer.eos_token_id is None:
-        raise UserError(f"{name}: its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json")
+        raise UserError(f"{flag} {name}: its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
@@ -300,6 +317,7 @@ def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
         setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
+    print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} matching {module_name!r}, dim {lora_dim}")
     return model
 
 

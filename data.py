@@ -97,12 +97,12 @@ def apply_chat_template(rows, tokenizer):
     tokenizer adds one itself, so it is never doubled."""
     bos = tokenizer.bos_token
     adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    strip = lambda t: None if t is None else t.strip()  # noqa: E731
     out = []
     for r in rows:
         prompt = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         if adds_bos and prompt.startswith(bos):
             prompt = prompt[len(bos):]
-        strip = lambda t: None if t is None else t.strip()  # noqa: E731
         out.append({**r, "prompt": prompt, "chosen": strip(r["chosen"]), "rejected": strip(r["rejected"]), "response": strip(r["response"])})
     return out
 
@@ -395,7 +395,8 @@ def build_prompts(args, tokenizer):
         if len(keep) < len(ids):
             print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than {limit} tokens")
         if not keep:
-            raise UserError(f"--data_path {' '.join(args.data_path)}: no {part} prompts of at most {limit} tokens")
+            raise UserError(f"--max_prompt_seq_len {args.max_prompt_seq_len}: no {part} prompt of --data_path {' '.join(args.data_path)} "
+                            f"fits in {limit} tokens")
         out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
     return out["train"], out["eval"]
 

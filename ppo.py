@@ -119,8 +119,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
-    common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage")
-    common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage")
+    common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage", args.offload)
+    common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage", args.offload)
     args.dtype = common.check_dtype(args.dtype)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
@@ -297,17 +297,17 @@ def set_rng_state(state):
 class RLHFEngine:
     """DeepSpeed-Chat's DeepSpeedRLHFEngine: four DeepSpeed engines. The actor and critic are trained,
     each with its own ZeRO stage; the reference and reward models are frozen inference engines, ZeRO-3
-    sharded when their trained counterpart is ZeRO-3, optionally offloaded to CPU."""
+    ZeRO-3 sharded when their trained counterpart is ZeRO-3 or when offloaded to CPU (DeepSpeed offloads
+    parameters only under ZeRO-3)."""
 
     def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
         self.args, self.tokenizer, self.device = args, tokenizer, device or torch.device("cpu")
         self.total_updates = total_updates
         self.actor = self._init_actor(actor)
-        self.ref = self._frozen(common.load_model(actor, tokenizer, dropout=0.0), 3 if args.actor_zero_stage == 3 else 0,
-                                args.offload_reference_model)
+        self.ref = self._frozen(common.load_model(actor, tokenizer, dropout=0.0), args.actor_zero_stage, args.offload_reference_model)
         self.critic = self._init_critic(critic)
         reward_model, self.reward_stats = load_reward_model(reward, tokenizer, dropout=0.0)
-        self.reward = self._frozen(reward_model, 3 if args.critic_zero_stage == 3 else 0, args.offload_reward_model)
+        self.reward = self._frozen(reward_model, args.critic_zero_stage, args.offload_reward_model)
         self.ema = EMA(self.actor.module) if args.enable_ema else None
 
     def _train_cfg(self, stage):
@@ -357,9 +357,10 @@ class RLHFEngine:
             model.backbone.gradient_checkpointing_enable()
         return self._engine(model, cfg, a.critic_learning_rate, a.critic_weight_decay, a.critic_lora_learning_rate)
 
-    def _frozen(self, model, stage, offload):
+    def _frozen(self, model, trained_stage, offload):
         import deepspeed
         model.requires_grad_(False)
+        stage = 3 if trained_stage == 3 or offload else 0
         cfg = common.ds_config(stage, self.args.dtype, self.args.per_device_training_batch_size, offload=offload, train=False)
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
         engine.eval()
@@ -398,7 +399,7 @@ class PPOTrainer:
         self.engine, self.args = engine, args
         self.tokenizer, self.device = engine.tokenizer, engine.device
         self.kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl)
-        self.stats = {}
+        self.stats, self.skipped = {}, 0  # skipped: micro-batch updates dropped for a non-finite loss (or reward)
 
     def _actor_logits(self, engine, seq, attn, query_len):
         """Logits that predict each response token: [B, Tr, V]."""
@@ -477,15 +478,13 @@ class PPOTrainer:
             loss = loss + a.unsup_coef * ptx_loss
             self.stats["ptx_loss"] = ptx_loss.item()
         boundary = e.actor.is_gradient_accumulation_boundary()  # read before step() advances the counter
-        e.actor.backward(loss)
-        e.actor.step()
-        if e.ema is not None and boundary:
+        actor_ok = common.backward_step(e.actor, loss)  # a NaN reward reaches here as NaN advantages
+        if e.ema is not None and boundary and actor_ok:
             e.ema.update(e.actor.module)
         e.critic.train()
         values = e.critic(seq, attn)[:, tq - 1:-1]
         critic_loss, vf_clipfrac = value_loss(values, exp["values"], exp["returns"], exp["mask"], a.cliprange_value)
-        e.critic.backward(critic_loss)
-        e.critic.step()
+        self.skipped += (not actor_ok) + (not common.backward_step(e.critic, critic_loss))
         self.stats.update(clipfrac=clipfrac.item(), approx_kl=approx_kl.item(), vf_clipfrac=vf_clipfrac.item(),
                           explained_var=explained_variance(exp["values"], exp["returns"], exp["mask"]))
         return actor_loss, critic_loss
@@ -550,7 +549,7 @@ def save_checkpoint(engine, trainer, args, step, state):
         torch.save(engine.ema.shadow, os.path.join(tmp, "ema.pt"))
     common.barrier()
     if common.rank() == 0:
-        common.write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "kl_coef": trainer.kl_ctl.value})
+        common.write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "kl_coef": trainer.kl_ctl.value, "skipped": trainer.skipped})
         os.replace(tmp, os.path.join(root, name))
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
@@ -569,7 +568,7 @@ def load_checkpoint(engine, trainer, args):
     set_rng_state(torch.load(os.path.join(path, f"rng_rank{common.rank()}.pt"), weights_only=False))
     if engine.ema is not None and engine.ema.shadow is not None:
         engine.ema.shadow = torch.load(os.path.join(path, "ema.pt"))
-    trainer.kl_ctl.value = state["kl_coef"]
+    trainer.kl_ctl.value, trainer.skipped = state["kl_coef"], state.get("skipped", 0)
     print_rank0(f"resumed from {path} after step {state['step']}")
     return state
 
@@ -578,7 +577,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = common.init_distributed()
     common.set_seed(args.seed)
-    tokenizer = common.load_tokenizer(args.actor)
+    tokenizer = common.load_tokenizer(args.actor, "--actor")
     if args.chat_template:
         data.check_chat_template(tokenizer, args.actor)
 
@@ -652,7 +651,7 @@ def main(argv=None):
         m = {"reward": scores.mean().item(), "kl": kl.mean().item(), "entropy": sum(x["entropy"] for x in exps) / len(exps),
              "response_length": length.mean().item(), "eos_rate": eos.mean().item(),
              "actor_loss": sum(actor_losses) / len(actor_losses), "critic_loss": sum(critic_losses) / len(critic_losses),
-             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, "kl_coef": trainer.kl_ctl.value}
+             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, "kl_coef": trainer.kl_ctl.value, "skipped": trainer.skipped}
         keys = sorted(m)
         m = dict(zip(keys, [v / world for v in common.all_reduce_sum([m[k] for k in keys], device)]))
         trainer.kl_ctl.update(m["kl"], rollout * world)
@@ -663,7 +662,8 @@ def main(argv=None):
         print_rank0(f"step {step + 1}/{total_steps} | reward {m['reward']:.3f} | kl {m['kl']:.3f} | ent {m['entropy']:.3f} | "
                     f"len {m['response_length']:.1f} | eos {m['eos_rate']:.2f} | clipfrac {m['clipfrac']:.3f} | "
                     f"approx_kl {m['approx_kl']:.4f} | vf_loss {m['critic_loss']:.4f} | vf_clip {m['vf_clipfrac']:.3f} | "
-                    f"ev {m['explained_var']:.3f} | gen {gen_seconds:.1f}s train {train_seconds:.1f}s | {m['samples_per_s']:.1f} samples/s")
+                    f"ev {m['explained_var']:.3f} | gen {gen_seconds:.1f}s train {train_seconds:.1f}s | {m['samples_per_s']:.1f} samples/s"
+                    + (f" | skipped {trainer.skipped} non-finite updates" if trainer.skipped else ""))
         if args.print_answers or (args.print_answers_interval and (step + 1) % args.print_answers_interval == 0):
             x = exps[0]
             for j in range(min(3, gen_bs)):
@@ -680,7 +680,7 @@ def main(argv=None):
     # ---- final eval and save: actor (+ EMA) as HF causal-LM folders, critic as a reward-model folder
     metrics = dict(state["metrics_start"])
     end, records = evaluate(trainer, eval_prompts, eval_texts, checker)
-    metrics.update(end, train_seconds=time.time() - t_start, steps=total_steps)
+    metrics.update(end, train_seconds=time.time() - t_start, steps=total_steps, skipped_updates=trainer.skipped)
     log.write(total_steps, end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()))
     write_jsonl(os.path.join(args.output_dir, "eval_generations.jsonl"), records)

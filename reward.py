@@ -73,7 +73,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
-    common.check_zero_stage(args.zero_stage)
+    common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
@@ -267,7 +267,7 @@ def main(argv=None):
     metrics = {f"{k}_start": v for k, v in start.items() if not k.startswith("score_")}
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
-    step, epoch, t0, seen, correct = 0, 0, time.time(), 0, []
+    step, epoch, t0, seen, correct, skipped = 0, 0, time.time(), 0, [], 0
     engine.train()
     while step < total_steps:
         sampler.set_epoch(epoch)
@@ -276,8 +276,10 @@ def main(argv=None):
             chosen, rejected = end_scores(engine(ids, mask), mask).chunk(2)  # chosen rows first: [B], [B]
             loss = pairwise_loss(chosen, rejected)
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances the counter
-            engine.backward(loss)
-            engine.step()
+            if not common.backward_step(engine, loss):
+                skipped += 1
+                print_rank0(f"step {step + 1}: non-finite loss, micro-batch skipped ({skipped} so far)")
+                continue
             seen += chosen.numel() * world
             correct.append((chosen > rejected).float().mean().item())
             if not boundary:
@@ -287,7 +289,7 @@ def main(argv=None):
                 acc = sum(correct) / len(correct)
                 print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | train acc {acc:.3f} | "
                             f"lr {engine.get_lr()[0]:.2e} | {seen / (time.time() - t0):.1f} pairs/s")
-                log.write(step, {"loss": loss.item(), "train_accuracy": acc, "lr": engine.get_lr()[0]})
+                log.write(step, {"loss": loss.item(), "train_accuracy": acc, "lr": engine.get_lr()[0], "skipped": skipped})
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/accuracy", acc, step)])
                 correct = []
@@ -298,7 +300,7 @@ def main(argv=None):
             if step >= total_steps:
                 break
         epoch += 1
-    metrics["train_seconds"] = time.time() - t0
+    metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
     end = evaluate(engine, eval_loader, args, device)
     metrics.update(end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s")

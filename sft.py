@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
-    common.check_zero_stage(args.zero_stage)
+    common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path + args.sft_only_data_path:
@@ -190,7 +190,7 @@ def main(argv=None):
     metrics = {f"{k}_start": v for k, v in evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device).items()}
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
-    step, epoch, t0, seen = 0, 0, time.time(), 0
+    step, epoch, t0, seen, skipped = 0, 0, time.time(), 0, 0
     engine.train()
     while step < total_steps:
         sampler.set_epoch(epoch)
@@ -198,8 +198,10 @@ def main(argv=None):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**batch, use_cache=False).loss
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances the counter
-            engine.backward(loss)
-            engine.step()
+            if not common.backward_step(engine, loss):
+                skipped += 1
+                print_rank0(f"step {step + 1}: non-finite loss, micro-batch skipped ({skipped} so far)")
+                continue
             seen += batch["input_ids"].shape[0] * world
             if not boundary:
                 continue
@@ -207,7 +209,7 @@ def main(argv=None):
             if step % log_every == 0 or step == total_steps:
                 lr = engine.get_lr()[0]
                 print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} samples/s")
-                log.write(step, {"loss": loss.item(), "lr": lr})
+                log.write(step, {"loss": loss.item(), "lr": lr, "skipped": skipped})
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/lr", lr, step)])
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
@@ -217,7 +219,7 @@ def main(argv=None):
             if step >= total_steps:
                 break
         epoch += 1
-    metrics["train_seconds"] = time.time() - t0
+    metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
     end = evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
     metrics.update(end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s")

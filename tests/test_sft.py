@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run_stage
+from conftest import run_stage
 
 FAST = ["--model_name_or_path", "tiny:gpt2", "--data_path", "builtin:sort", "--max_steps", "6",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", "12"]
@@ -46,26 +46,4 @@ def test_sft_with_lora_only(tmp_path):
     _check_output(out)
 
 
-def test_bad_model_path_is_one_line(tmp_path):
-    proc = run_stage(["sft.py", "--model_name_or_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")], check=False)
-    assert_one_line_error(proc, "--model_name_or_path", "missing")
 
-
-def test_bad_data_path_is_one_line(tmp_path):
-    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "no/such-dataset", "--output_dir", str(tmp_path / "o")], check=False)
-    assert_one_line_error(proc, "--data_path no/such-dataset")
-
-
-def test_malformed_data_split_is_one_line(tmp_path):
-    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_split", "2,4", "--output_dir", str(tmp_path / "o")], check=False)
-    assert_one_line_error(proc, "--data_split")
-
-
-def test_local_file_missing_column_is_one_line(tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.json").write_text(json.dumps([{"prompt": "hi", "rejected": "no"}]))
-    (tmp_path / "data" / "eval.json").write_text(json.dumps([{"prompt": "hi", "chosen": "yes"}]))
-    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "local/jsonfile", "--output_dir", str(tmp_path / "o")],
-                     cwd=str(tmp_path), check=False)
-    assert_one_line_error(proc, "data/train.json", "chosen")
-    assert not (tmp_path / "o").exists()
