@@ -276,7 +276,6 @@ def latest_checkpoint(output_dir):
     return path if os.path.isdir(path) else None
 
 
-
 def rng_state():
     """Every RNG a run draws from, for resumable checkpoints."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -550,6 +549,7 @@ def save_checkpoint(engine, trainer, args, step, state):
     common.barrier()
     if common.rank() == 0:
         common.write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "kl_coef": trainer.kl_ctl.value, "skipped": trainer.skipped})
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crash before `latest` moved on
         os.replace(tmp, os.path.join(root, name))
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)

@@ -60,7 +60,7 @@ def test_nan_reward_skips_that_rollouts_updates_and_never_reaches_the_weights(tm
     assert "skipped 6 non-finite updates" in proc.stdout
     log = [line.split(",") for line in open(os.path.join(out, "log.csv")).read().splitlines()[1:]]
     assert [(s, v) for s, k, v in log if k == "skipped"] == [("1", "6.0"), ("2", "6.0")]  # step 2 trained normally
-    assert math.isfinite(metrics["eval_kl"]) and metrics["eval_kl"] > 0  # and did move the actor
+    assert math.isfinite(metrics["eval_kl"]) and abs(metrics["eval_kl"]) > 1e-4  # and did move the actor (k1 on greedy answers: either sign)
     from safetensors.torch import load_file
     for folder in ("actor", "actor_ema", "critic"):
         for name, t in load_file(os.path.join(out, folder, "model.safetensors")).items():
@@ -82,4 +82,4 @@ def test_same_command_same_seed_same_metrics(tmp_path):
             run_stage([*cmd, "--output_dir", str(tmp_path / f"{name}{i}")])
         first, second = _metrics(str(tmp_path / f"{name}0")), _metrics(str(tmp_path / f"{name}1"))
         assert first == second, name
-    assert first["eval_kl"] > 0  # PPO moved the actor, identically both times
+    assert abs(first["eval_kl"]) > 1e-4  # PPO moved the actor, identically both times
