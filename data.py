@@ -242,6 +242,8 @@ def _load_dataset(path, key, src):
     except FileNotFoundError as e:
         raise UserError(f"--data_path {path}: {str(e).splitlines()[0]}") from None
     except RuntimeError as e:  # "Dataset scripts are no longer supported": a script-only hub repository
+        if "scripts are no longer supported" not in str(e):
+            raise
         raise UserError(f"--data_path {path}: {e}; download its parquet export (revision refs/convert/parquet) and pass that folder") from None
     except datasets.exceptions.DatasetGenerationError as e:
         cause = str(e.__cause__ or e).splitlines()[0]
