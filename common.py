@@ -61,8 +61,7 @@ def init_distributed():
     """Join the process group set up by the `deepspeed` launcher, or make a world of one for plain
     `python stage.py`. Returns this rank's torch device."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
@@ -70,9 +69,8 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
     if on_cpu:
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    acc.set_device(local_rank)
-    return torch.device(acc.device_name(local_rank))
+    acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
 def barrier():
@@ -82,7 +80,7 @@ def barrier():
 
 
 def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (eval counters)."""
+    """Sum a list of floats over ranks (counters, flags)."""
     import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -92,13 +90,9 @@ def all_reduce_sum(values, device):
 
 def backward_step(engine, loss):
     """engine.backward(loss) + engine.step(), unless the loss is NaN/inf on any rank: then every rank skips
-    this micro-batch (so collectives stay in step) and False is returned for the caller to count. A
+    this micro-batch (collectives stay in step) and False is returned for the caller to count. A
     non-finite loss thus never reaches the weights, nor a checkpoint."""
-    import torch.distributed as dist
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
+    if all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], loss.device)[0] > 0:
         return False
     engine.backward(loss)
     engine.step()
