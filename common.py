@@ -69,8 +69,9 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
     if on_cpu:
         return torch.device("cpu")
-    acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc.set_device(local_rank)
+    return torch.device(acc.device_name(local_rank))
 
 
 def barrier():
@@ -89,10 +90,10 @@ def all_reduce_sum(values, device):
 
 
 def backward_step(engine, loss):
-    """engine.backward(loss) + engine.step(), unless the loss is NaN/inf on any rank: then every rank skips
-    this micro-batch (collectives stay in step) and False is returned for the caller to count. A
-    non-finite loss thus never reaches the weights, nor a checkpoint."""
+    """engine.backward(loss) + engine.step(), unless the loss is NaN/inf on any rank: then all ranks skip the
+    micro-batch (collectives stay in step), so it never reaches the weights; False tells the caller to count it."""
     if all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], loss.device)[0] > 0:
+        print_rank0("warning: non-finite loss; this micro-batch's update is skipped on every rank")
         return False
     engine.backward(loss)
     engine.step()
@@ -192,8 +193,7 @@ def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, 
 
 # --------------------------------------------------------------------------------------------
 # Loading: a hub name, a local folder, or tiny:<model_type> (builtin.py).
-def tiny_cache_dir():
-    """Where tiny models and tokenised data caches live ($MINIRLHF_CACHE or ~/.cache/minirlhf)."""
+def tiny_cache_dir():  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
     return os.environ.get("MINIRLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minirlhf"))
 
 

@@ -73,11 +73,6 @@ def make_row(prompt, chosen, rejected=None):
     return {"prompt": render_prompt(messages), "messages": messages, "chosen": chosen, "rejected": rejected, "response": chosen}
 
 
-def check_chat_template(tokenizer, name):
-    if not tokenizer.chat_template:
-        raise UserError(f"--chat_template: the tokenizer of {name} has no chat template (drop the flag to use {PROMPT_TEMPLATE!r})")
-
-
 def check_same_template(chat_template, models):
     """All three steps must render prompts alike: refuse a model whose args.json (written by step 1 or 2)
     records the other choice. models: {flag: path}."""
@@ -95,6 +90,9 @@ def apply_chat_template(rows, tokenizer):
     """Rows re-rendered with the tokenizer's chat template: the prompt ends with the template's assistant
     header, responses lose their leading space. A BOS written by the template is removed when the
     tokenizer adds one itself, so it is never doubled."""
+    if not tokenizer.chat_template:
+        raise UserError(f"--chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template "
+                        f"(drop the flag to use {PROMPT_TEMPLATE!r})")
     bos = tokenizer.bos_token
     adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
     strip = lambda t: None if t is None else t.strip()  # noqa: E731

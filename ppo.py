@@ -296,7 +296,7 @@ def set_rng_state(state):
 class RLHFEngine:
     """DeepSpeed-Chat's DeepSpeedRLHFEngine: four DeepSpeed engines. The actor and critic are trained,
     each with its own ZeRO stage; the reference and reward models are frozen inference engines, ZeRO-3
-    ZeRO-3 sharded when their trained counterpart is ZeRO-3 or when offloaded to CPU (DeepSpeed offloads
+    sharded when their trained counterpart is ZeRO-3 or when offloaded to CPU (DeepSpeed offloads
     parameters only under ZeRO-3)."""
 
     def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
@@ -578,8 +578,6 @@ def main(argv=None):
     device = common.init_distributed()
     common.set_seed(args.seed)
     tokenizer = common.load_tokenizer(args.actor, "--actor")
-    if args.chat_template:
-        data.check_chat_template(tokenizer, args.actor)
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
     (train_prompts, _), (eval_prompts, eval_texts) = data.build_prompts(args, tokenizer)

@@ -224,8 +224,6 @@ def main(argv=None):
     from transformers import get_scheduler
 
     tokenizer = common.load_tokenizer(args.model_name_or_path)
-    if args.chat_template:
-        data.check_chat_template(tokenizer, args.model_name_or_path)
     args.max_seq_len = common.cap_seq_len(args.model_name_or_path, args.max_seq_len)
 
     # ---- data: phase-2 pairs of every --data_path, before the model loads
@@ -278,7 +276,6 @@ def main(argv=None):
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances the counter
             if not common.backward_step(engine, loss):
                 skipped += 1
-                print_rank0(f"step {step + 1}: non-finite loss, micro-batch skipped ({skipped} so far)")
                 continue
             seen += chosen.numel() * world
             correct.append((chosen > rejected).float().mean().item())
