@@ -154,11 +154,36 @@ def sort_examples(n, rng, exclude=frozenset(), unique=False):
     return rows, seen
 
 
-def sort_check(prompt, response):
-    """Ground truth for builtin:sort: the response (EOS stripped) is the sorted list. Reads the letters
-    after "sort:" in any prompt template."""
+SORT_ERROR_KINDS = ("last_two_swapped", "adjacent_swap", "replaced_letter", "dropped_letter", "added_letter")
+
+
+def sort_error_kind(prompt, chosen, rejected):
+    """Which of _corrupt's kinds of error `rejected` makes, read off the two answers (so any row of this task
+    can be classified): step 2 reports pairwise accuracy per kind."""
+    right, wrong = chosen.split(), rejected.split()
+    if len(wrong) != len(right):
+        return "dropped_letter" if len(wrong) < len(right) else "added_letter"
+    if sorted(wrong) != sorted(right):
+        return "replaced_letter"
+    differ = [i for i, (x, y) in enumerate(zip(right, wrong)) if x != y]
+    return "last_two_swapped" if differ == [len(right) - 2, len(right) - 1] else "adjacent_swap"
+
+
+def sort_items(prompt):
+    """The letters after "sort:" in a prompt of any template, or None."""
     items = re.search(r"sort:((?: [a-z])+)", prompt)
-    return items is not None and response.strip().split() == sorted(items.group(1).split())
+    return None if items is None else items.group(1).split()
+
+
+def sort_check(prompt, response):
+    """Ground truth for builtin:sort: the response (EOS stripped) is the sorted list."""
+    items = sort_items(prompt)
+    return items is not None and response.strip().split() == sorted(items)
+
+
+def sort_systematic(prompt):
+    """True for the lists on which the demonstrator makes its systematic error (SORT_LONG letters or more)."""
+    return len(sort_items(prompt) or []) >= SORT_LONG
 
 
 def sort_dataset():

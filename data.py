@@ -112,7 +112,7 @@ def apply_chat_template(rows, tokenizer):
 # names the repository files to read where inference would read the wrong ones, `hub` where the hub
 # copy differs (script repositories: their parquet export). Schemas: each dataset's hub card; mapping:
 # DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat/utils/data/raw_datasets.py.
-Source = collections.namedtuple("Source", "columns adapter files hub check load", defaults=(None, None, None, None))
+Source = collections.namedtuple("Source", "columns adapter files hub check load kind", defaults=(None,) * 5)
 FILE_SOURCE = "file"
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
@@ -171,7 +171,7 @@ def _file(x):  # generic files: prompt with chosen (+ rejected) or response
 
 MKQA = "hf://datasets/apple/mkqa@~parquet/mkqa/train/*.parquet"
 SOURCES = {
-    "builtin:sort": Source((), None, check=builtin.sort_check, load=_sort),
+    "builtin:sort": Source((), None, check=builtin.sort_check, load=_sort, kind=builtin.sort_error_kind),
     "Dahoas/rm-static": Source(("prompt", "chosen", "rejected"), _triple),
     "Dahoas/full-hh-rlhf": Source(("prompt", "chosen", "rejected"), _triple),
     "Dahoas/synthetic-instruct-gptj-pairwise": Source(("prompt", "chosen", "rejected"), _triple),
@@ -218,6 +218,12 @@ def checker_for(paths):
     """The ground-truth checker shared by all sources, or None when any source has none."""
     checks = {SOURCES[resolve_source(p)].check for p in paths}
     return checks.pop() if len(checks) == 1 else None
+
+
+def error_kind_for(paths):
+    """The sources' classifier of rejected answers, (prompt, chosen, rejected) -> kind, shared by all of them, or None."""
+    kinds = {SOURCES[resolve_source(p)].kind for p in paths}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _load_dataset(path, key, src):
@@ -362,9 +368,13 @@ def collate_sft(batch, pad_id):
 
 
 def collate_pairs(batch, pad_id):
-    """Chosen rows first, then rejected rows, in one right-padded batch: [2B, T]."""
+    """Chosen rows first, then rejected rows, in one right-padded batch: [2B, T] (plus each pair's kind of
+    error, [B] strings, where the source classifies them)."""
     ids = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
-    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    out = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    if "kind" in batch[0]:
+        out["kind"] = [b["kind"] for b in batch]
+    return out
 
 
 def collate_prompts(batch, pad_id):
@@ -382,7 +392,8 @@ def last_token_index(attention_mask):
 # --------------------------------------------------------------------------------------------
 # Step 3's inputs: prompts, and text for the PPO-ptx language-model loss.
 def build_prompts(args, tokenizer):
-    """Phase-3 prompts (train, eval) as lists of token ids; prompts over --max_prompt_seq_len are dropped."""
+    """Phase-3 (train, eval), each (prompt token ids, prompt texts, reference answers); prompts over
+    --max_prompt_seq_len are dropped."""
     flag = "--max_prompt_seq_len + --max_answer_seq_len"
     limit = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, flag) - args.max_answer_seq_len
     if limit < 1:
@@ -397,7 +408,7 @@ def build_prompts(args, tokenizer):
         if not keep:
             raise UserError(f"--max_prompt_seq_len {args.max_prompt_seq_len}: no {part} prompt of --data_path {' '.join(args.data_path)} "
                             f"fits in {limit} tokens")
-        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep])
+        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep], [part_rows[i]["chosen"] for i in keep])
     return out["train"], out["eval"]
 
 

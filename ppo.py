@@ -162,6 +162,14 @@ def entropy_from_logits(logits, temperature=1.0):
     return -(logp.exp() * logp).sum(-1)
 
 
+def kl_from_logits(logits, ref_logits, temperature=1.0):
+    """Exact KL(pi || pi_ref) between the two next-token distributions at each position (always >= 0).
+    logits, ref_logits [B, T, V] -> [B, T]."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 def masked_mean(x, mask, dim=None):
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum() if dim is None else (x * mask).sum(dim) / mask.sum(dim)
@@ -200,14 +208,23 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     return log_ratio
 
 
-def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, clip_reward_value, estimator="k1"):
-    """InstructGPT eq. 2 per token: r_t = -kl_coef * KL_t, plus the clipped reward-model score at the
+def shape_scores(raw_scores, has_eos, stats, clip_reward_value, missing_eos_penalty):
+    """Reward-model scores as PPO's outcome reward: standardised by the reward model's stored chosen-score
+    statistics (when `stats` is given), clipped to +/- clip_reward_value, then lowered by missing_eos_penalty
+    for responses that never ended -- after the clip, so a low score still feels the whole penalty.
+    raw_scores [B] float, has_eos [B] bool -> [B]."""
+    scores = raw_scores if stats is None else (raw_scores - stats["score_mean"]) / max(stats["score_std"], 1e-6)
+    return scores.clamp(-clip_reward_value, clip_reward_value) - missing_eos_penalty * (~has_eos).float()
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1"):
+    """InstructGPT eq. 2 per token: r_t = -kl_coef * KL_t, plus the (shaped) reward-model score at the
     last response token (the EOS, or the last token when truncated) -- not one position later.
     scores [B]; logprobs, ref_logprobs, mask [B, Tr] -> rewards [B, Tr], kl [B, Tr]."""
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
     rewards = -kl_coef * kl
     last = data.last_token_index(mask)
-    rewards[torch.arange(len(scores)), last] += scores.clamp(-clip_reward_value, clip_reward_value)
+    rewards[torch.arange(len(scores)), last] += scores
     return rewards * mask, kl
 
 
@@ -226,11 +243,39 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
+def advantages_and_returns(rewards, values, mask, gamma, lam, whiten_rewards=False):
+    """GAE over a whole rollout, advantages whitened over all of its response tokens (as N+ and OpenRLHF do:
+    whitening a small generation batch on its own would rescale each batch differently).
+    rewards, values, mask [B, Tr] -> advantages, returns [B, Tr]."""
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def merge_experiences(exps, pad_id):
+    """The generation batches of one rollout as one batch: query-side tensors [B, Tq] re-padded on the left,
+    response-side tensors [B, Tr] on the right, per-sequence tensors [B] concatenated."""
+    tq, tr = max(x["query"].shape[1] for x in exps), max(x["response"].shape[1] for x in exps)
+    fill = {"query": pad_id, "response": pad_id}
+    out = {}
+    for k, v in exps[0].items():
+        if not torch.is_tensor(v):
+            continue
+        parts = [x[k] for x in exps]
+        if v.dim() == 2:
+            left = k in ("query", "query_mask")
+            width = tq if left else tr
+            parts = [F.pad(p, (width - p.shape[1], 0) if left else (0, width - p.shape[1]), value=fill.get(k, 0)) for p in parts]
+        out[k] = torch.cat(parts)
+    return out
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
     mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). All [B, Tr].
     Returns loss, clipfrac (share of tokens where the clip is active), approx_kl (0.5 * E[log-ratio^2])."""
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs) * mask  # masked first: exp() of a padded slot's garbage could be inf, and inf * 0 = NaN
     ratio = log_ratio.exp()
     loss1 = -advantages * ratio
     loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
@@ -422,19 +467,22 @@ class PPOTrainer:
         return response.masked_fill(mask == 0, tok.pad_token_id), mask
 
     @torch.no_grad()
-    def score(self, query, query_mask, response, mask):
-        """logprobs, ref_logprobs, values [B, Tr], entropy [B, Tr], raw reward-model scores [B]."""
+    def score(self, query, query_mask, response, mask, full_kl=False):
+        """logprobs, ref_logprobs, values, entropy [B, Tr] and raw reward-model scores [B]; with full_kl also
+        the exact per-token KL to the reference [B, Tr] (evaluation)."""
         a, e = self.args, self.engine
         seq, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
         tq = query.shape[1]
-        logits = self._actor_logits(e.actor, seq, attn, tq)
-        logprobs = logprobs_from_logits(logits, response, a.temperature)
-        entropy = entropy_from_logits(logits, a.temperature)
-        ref_logprobs = logprobs_from_logits(self._actor_logits(e.ref, seq, attn, tq), response, a.temperature)
+        logits, ref_logits = self._actor_logits(e.actor, seq, attn, tq), self._actor_logits(e.ref, seq, attn, tq)
         e.critic.eval()
-        values = e.critic(seq, attn)[:, tq - 1:-1] * mask
-        scores = end_scores(e.reward(seq, attn), attn)
-        return logprobs, ref_logprobs, values, entropy, scores
+        out = {"logprobs": logprobs_from_logits(logits, response, a.temperature),
+               "ref_logprobs": logprobs_from_logits(ref_logits, response, a.temperature),
+               "entropy": entropy_from_logits(logits, a.temperature),
+               "values": e.critic(seq, attn)[:, tq - 1:-1] * mask,
+               "scores": end_scores(e.reward(seq, attn), attn)}
+        if full_kl:
+            out["kl"] = kl_from_logits(logits, ref_logits, a.temperature) * mask
+        return out
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch):
@@ -445,21 +493,15 @@ class PPOTrainer:
         t0 = time.time()
         response, mask = self.sample(query, query_mask)
         gen_seconds = time.time() - t0
-        logprobs, ref_logprobs, values, entropy, raw_scores = self.score(query, query_mask, response, mask)
+        s = self.score(query, query_mask, response, mask)
+        logprobs, ref_logprobs, values, raw_scores = s["logprobs"], s["ref_logprobs"], s["values"], s["scores"]
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
-        scores = raw_scores
-        if a.normalize_reward and self.engine.reward_stats:
-            scores = (scores - self.engine.reward_stats["score_mean"]) / max(self.engine.reward_stats["score_std"], 1e-6)
-        scores = scores - a.missing_eos_penalty * (~has_eos).float()
-        rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, a.clip_reward_value, a.kl_estimator)
-        if a.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
-        advantages = masked_whiten(advantages, mask)
+        stats = self.engine.reward_stats if a.normalize_reward else None
+        scores = shape_scores(raw_scores, has_eos, stats, a.clip_reward_value, a.missing_eos_penalty)
+        rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, a.kl_estimator)
         return {"query": query, "query_mask": query_mask, "response": response, "mask": mask, "logprobs": logprobs,
-                "ref_logprobs": ref_logprobs, "values": values, "rewards": rewards, "advantages": advantages,
-                "returns": returns, "scores": raw_scores, "kl": kl.sum(1), "entropy": masked_mean(entropy, mask).item(),
-                "has_eos": has_eos, "gen_seconds": gen_seconds}
+                "ref_logprobs": ref_logprobs, "values": values, "rewards": rewards, "scores": raw_scores,
+                "kl": kl.sum(1), "entropy": s["entropy"], "has_eos": has_eos, "gen_seconds": gen_seconds}
 
     def train_rlhf(self, exp, ptx_batch=None):
         """One PPO micro-batch: clipped policy loss (+ unsup_coef x LM loss with PPO-ptx) for the actor,
@@ -491,32 +533,46 @@ class PPOTrainer:
 
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(trainer, prompts, texts, checker):
-    """Greedy answers to held-out prompts: mean reward-model score, KL to the reference (summed over
-    response tokens), response length, EOS rate, and ground-truth accuracy when a checker exists.
-    Returns (metrics, records); records (rank 0) hold prompt, response, score (and correct)."""
+def evaluate(trainer, prompts, texts, checker, references=None):
+    """Greedy answers to held-out prompts: mean reward-model score, exact KL to the reference policy (summed
+    over response tokens), response length, EOS rate; with a checker, ground-truth accuracy, and with reference
+    answers too, reward hacking: wrong answers the reward model scores above the correct (reference) answer.
+    Returns (metrics, records); records (rank 0) hold prompt, response, score (and correct, reference_score)."""
     import torch.distributed as dist
-    a, tok = trainer.args, trainer.tokenizer
-    sums, records = [0.0] * 6, []
+    a, tok, dev = trainer.args, trainer.tokenizer, trainer.device
+    judge = checker is not None and references is not None
+    totals, records = dict.fromkeys(["score", "kl", "length", "eos", "correct", "hacked", "n"], 0.0), []
     for idx in data.rank_batches(len(prompts), a.per_device_generation_batch_size):
         batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tok.pad_token_id)
-        query, query_mask = batch["input_ids"].to(trainer.device), batch["attention_mask"].to(trainer.device)
+        query, query_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         response, mask = trainer.sample(query, query_mask, greedy=True)
-        logprobs, ref_logprobs, _, _, scores = trainer.score(query, query_mask, response, mask)
-        kl = (kl_penalty(logprobs, ref_logprobs) * mask).sum(1)
+        s = trainer.score(query, query_mask, response, mask, full_kl=True)
+        kl = s["kl"].sum(1)
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
+        if judge:  # prompt + reference answer + EOS, right-padded; the score is read at the last real token
+            ids = [data.encode_pair(tok, texts[i], references[i], len(prompts[i]) + a.max_answer_seq_len)["input_ids"] for i in idx or [0]]
+            ref_mask = data.pad([[1] * len(x) for x in ids], 0).to(dev)
+            ref_scores = end_scores(trainer.engine.reward(data.pad(ids, tok.pad_token_id).to(dev), ref_mask), ref_mask)
         for j, i in enumerate(idx):
             text = tok.decode(data.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
-            rec = {"prompt": texts[i], "response": text, "score": scores[j].item(), "kl": kl[j].item()}
+            rec = {"prompt": texts[i], "response": text, "score": s["scores"][j].item(), "kl": kl[j].item()}
             if checker is not None:
                 rec["correct"] = bool(checker(texts[i], text))
+            if judge:
+                rec["reference_score"] = ref_scores[j].item()
+                totals["hacked"] += not rec["correct"] and rec["score"] > rec["reference_score"]
             records.append(rec)
-            sums = [s + v for s, v in zip(sums, [rec["score"], rec["kl"], mask[j].sum().item(), has_eos[j].item(),
-                                                  rec.get("correct", 0), 1])]
-    score, kl, length, eos, correct, n = common.all_reduce_sum(sums, trainer.device)
-    metrics = {"eval_reward": score / n, "eval_kl": kl / n, "eval_response_length": length / n, "eval_eos_rate": eos / n}
+            for key, value in (("score", rec["score"]), ("kl", rec["kl"]), ("length", mask[j].sum().item()),
+                               ("eos", has_eos[j].item()), ("correct", rec.get("correct", 0)), ("n", 1)):
+                totals[key] += value
+    totals = dict(zip(totals, common.all_reduce_sum(list(totals.values()), dev)))
+    n = totals["n"]
+    metrics = {"eval_reward": totals["score"] / n, "eval_kl": totals["kl"] / n, "eval_response_length": totals["length"] / n,
+               "eval_eos_rate": totals["eos"] / n}
     if checker is not None:
-        metrics["eval_accuracy"] = correct / n
+        metrics["eval_accuracy"] = totals["correct"] / n
+    if judge:
+        metrics["eval_hacked"] = totals["hacked"] / n
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, records)
@@ -580,7 +636,7 @@ def main(argv=None):
     tokenizer = common.load_tokenizer(args.actor, "--actor")
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
-    (train_prompts, _), (eval_prompts, eval_texts) = data.build_prompts(args, tokenizer)
+    (train_prompts, _, _), (eval_prompts, eval_texts, eval_refs) = data.build_prompts(args, tokenizer)
     ptx = data.build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
     checker = data.checker_for(args.data_path)
 
@@ -609,7 +665,7 @@ def main(argv=None):
         state = load_checkpoint(engine, trainer, args)
         first = state["step"]
     if state["metrics_start"] is None:
-        start, records = evaluate(trainer, eval_prompts, eval_texts, checker)
+        start, records = evaluate(trainer, eval_prompts, eval_texts, checker, eval_refs)
         state["metrics_start"] = {f"{k}_start": v for k, v in start.items()}
         log.write(0, start)
         os.makedirs(args.output_dir, exist_ok=True)
@@ -628,26 +684,24 @@ def main(argv=None):
             batch = data.collate_prompts([{"prompt_ids": train_prompts[i]} for i in mine[g * gen_bs:(g + 1) * gen_bs]], tokenizer.pad_token_id)
             exps.append(trainer.generate_experience(batch))
         gen_seconds = sum(x["gen_seconds"] for x in exps)
+        exp = merge_experiences(exps, tokenizer.pad_token_id)  # the whole rollout: [rollout, ...]
+        exp["advantages"], exp["returns"] = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], args.gamma,
+                                                                   args.lam, args.whiten_rewards)
         t1 = time.time()
         actor_losses, critic_losses, stats = [], [], []
         for _ in range(args.ppo_epochs):
-            for exp in exps:  # micro-batches in a fresh random order each PPO epoch
-                for idx in torch.randperm(gen_bs).view(-1, train_bs):
-                    mb = {k: v[idx] for k, v in exp.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == gen_bs}
-                    ptx_batch = None
-                    if ptx is not None:
-                        ptx_batch = ptx[torch.randint(len(ptx), (train_bs,))].to(device)
-                    actor_loss, critic_loss = trainer.train_rlhf(mb, ptx_batch)
-                    actor_losses.append(actor_loss.item())
-                    critic_losses.append(critic_loss.item())
-                    stats.append(dict(trainer.stats))
+            for idx in torch.randperm(rollout).view(-1, train_bs):  # micro-batches in a fresh random order each PPO epoch
+                mb = {k: v[idx] for k, v in exp.items()}
+                ptx_batch = None
+                if ptx is not None:
+                    ptx_batch = ptx[torch.randint(len(ptx), (train_bs,))].to(device)
+                actor_loss, critic_loss = trainer.train_rlhf(mb, ptx_batch)
+                actor_losses.append(actor_loss.item())
+                critic_losses.append(critic_loss.item())
+                stats.append(dict(trainer.stats))
         train_seconds = time.time() - t1
-        scores = torch.cat([x["scores"] for x in exps])
-        kl = torch.cat([x["kl"] for x in exps])
-        length = torch.cat([x["mask"].sum(1) for x in exps]).float()
-        eos = torch.cat([x["has_eos"] for x in exps]).float()
-        m = {"reward": scores.mean().item(), "kl": kl.mean().item(), "entropy": sum(x["entropy"] for x in exps) / len(exps),
-             "response_length": length.mean().item(), "eos_rate": eos.mean().item(),
+        m = {"reward": exp["scores"].mean().item(), "kl": exp["kl"].mean().item(), "entropy": masked_mean(exp["entropy"], exp["mask"]).item(),
+             "response_length": exp["mask"].sum(1).float().mean().item(), "eos_rate": exp["has_eos"].float().mean().item(),
              "actor_loss": sum(actor_losses) / len(actor_losses), "critic_loss": sum(critic_losses) / len(critic_losses),
              **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, "kl_coef": trainer.kl_ctl.value, "skipped": trainer.skipped}
         keys = sorted(m)
@@ -663,13 +717,12 @@ def main(argv=None):
                     f"ev {m['explained_var']:.3f} | gen {gen_seconds:.1f}s train {train_seconds:.1f}s | {m['samples_per_s']:.1f} samples/s"
                     + (f" | skipped {trainer.skipped} non-finite updates" if trainer.skipped else ""))
         if args.print_answers or (args.print_answers_interval and (step + 1) % args.print_answers_interval == 0):
-            x = exps[0]
-            for j in range(min(3, gen_bs)):
-                q = tokenizer.decode(x["query"][j][x["query_mask"][j] == 1])
-                r = tokenizer.decode(data.cut_at_eos(x["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
-                print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {x['scores'][j].item():+.2f}")
+            for j in range(min(3, rollout)):
+                q = tokenizer.decode(exp["query"][j][exp["query_mask"][j] == 1])
+                r = tokenizer.decode(data.cut_at_eos(exp["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+                print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {exp['scores'][j].item():+.2f}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < total_steps:
-            mid, _ = evaluate(trainer, eval_prompts, eval_texts, checker)
+            mid, _ = evaluate(trainer, eval_prompts, eval_texts, checker, eval_refs)
             log.write(step + 1, mid)
             print_rank0(f"eval step {step + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
         if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0 and step + 1 < total_steps:
@@ -677,7 +730,7 @@ def main(argv=None):
 
     # ---- final eval and save: actor (+ EMA) as HF causal-LM folders, critic as a reward-model folder
     metrics = dict(state["metrics_start"])
-    end, records = evaluate(trainer, eval_prompts, eval_texts, checker)
+    end, records = evaluate(trainer, eval_prompts, eval_texts, checker, eval_refs)
     metrics.update(end, train_seconds=time.time() - t_start, steps=total_steps, skipped_updates=trainer.skipped)
     log.write(total_steps, end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()))

@@ -185,18 +185,25 @@ def pair_stats(chosen, rejected):
 
 
 def build_data(args, tokenizer):
+    """Tokenised phase-2 pairs; with a source that classifies its rejected answers (builtin:sort), each pair's
+    kind of error too, for per-kind accuracy."""
     rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need_pairs=True, chat_tokenizer=tokenizer if args.chat_template else None)
+    kind = data.error_kind_for(args.data_path)
+
     def encode(r):
         return {"chosen_ids": data.encode_pair(tokenizer, r["prompt"], r["chosen"], args.max_seq_len)["input_ids"],
-                "rejected_ids": data.encode_pair(tokenizer, r["prompt"], r["rejected"], args.max_seq_len)["input_ids"]}
-    return data.build_cached("pairs", rows, tokenizer, args.data_output_path, encode, max_seq_len=args.max_seq_len)
+                "rejected_ids": data.encode_pair(tokenizer, r["prompt"], r["rejected"], args.max_seq_len)["input_ids"],
+                **({"kind": kind(r["prompt"], r["chosen"], r["rejected"])} if kind else {})}
+    return data.build_cached("pairs", rows, tokenizer, args.data_output_path, encode, max_seq_len=args.max_seq_len, kinds=bool(kind))
 
 
 @torch.no_grad()
-def evaluate(engine, loader, args, device):
-    """Pairwise accuracy, mean chosen/rejected scores and margin, and chosen-score mean/std."""
+def evaluate(engine, loader, args, device, kinds=()):
+    """Pairwise accuracy, mean chosen/rejected scores and margin, chosen-score mean/std; with `kinds` (the
+    eval set's kinds of rejected answer) pairwise accuracy per kind as eval_accuracy_<kind>."""
     engine.eval()
     sums, loss_sum = [0.0] * 5, 0.0
+    per_kind = {k: [0.0, 0.0] for k in kinds}  # kind -> [pairs judged right, pairs]
     for i, batch in enumerate(loader):
         if args.eval_iters and i >= args.eval_iters:
             break
@@ -205,12 +212,19 @@ def evaluate(engine, loader, args, device):
         chosen, rejected = scores.chunk(2)
         sums = [a + b for a, b in zip(sums, pair_stats(chosen, rejected))]
         loss_sum += pairwise_loss(chosen, rejected).item() * chosen.numel()
-    correct, n, sc, sr, sc2, loss_sum = common.all_reduce_sum(sums + [loss_sum], device)
+        for kind, right in zip(batch.get("kind", []), (chosen > rejected).tolist()):
+            per_kind[kind][0] += right
+            per_kind[kind][1] += 1
+    flat = common.all_reduce_sum(sums + [loss_sum] + [x for k in kinds for x in per_kind[k]], device)
+    correct, n, sc, sr, sc2, loss_sum = flat[:6]
     engine.train()
     mean_c, mean_r = sc / n, sr / n
-    return {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_chosen_score": mean_c,
-            "eval_rejected_score": mean_r, "eval_margin": mean_c - mean_r,
-            "score_mean": mean_c, "score_std": math.sqrt(max(sc2 / n - mean_c ** 2, 1e-12))}
+    out = {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_chosen_score": mean_c,
+           "eval_rejected_score": mean_r, "eval_margin": mean_c - mean_r,
+           "score_mean": mean_c, "score_std": math.sqrt(max(sc2 / n - mean_c ** 2, 1e-12))}
+    for k, right, total in zip(kinds, flat[6::2], flat[7::2]):
+        out[f"eval_accuracy_{k}"] = right / max(total, 1)
+    return out
 
 
 def main(argv=None):
@@ -230,6 +244,7 @@ def main(argv=None):
     sets = build_data(args, tokenizer)
     collate = lambda b: data.collate_pairs(b, tokenizer.pad_token_id)  # noqa: E731
     train_set, eval_set = sets["train"], sets["eval"]
+    kinds = sorted(set(eval_set["kind"])) if "kind" in eval_set.column_names else []
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate)
     eval_loader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate,
@@ -261,7 +276,7 @@ def main(argv=None):
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
 
     # ---- loop
-    start = evaluate(engine, eval_loader, args, device)
+    start = evaluate(engine, eval_loader, args, device, kinds)
     metrics = {f"{k}_start": v for k, v in start.items() if not k.startswith("score_")}
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
@@ -291,14 +306,14 @@ def main(argv=None):
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/accuracy", acc, step)])
                 correct = []
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                mid = evaluate(engine, eval_loader, args, device)
+                mid = evaluate(engine, eval_loader, args, device, kinds)
                 log.write(step, mid)
                 print_rank0(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
             if step >= total_steps:
                 break
         epoch += 1
     metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
-    end = evaluate(engine, eval_loader, args, device)
+    end = evaluate(engine, eval_loader, args, device, kinds)
     metrics.update(end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s")
 

@@ -201,6 +201,8 @@ def build_report(args, seconds):
     if m2:
         lines += [_row("step 2: pairwise accuracy", m2, "eval_accuracy"), _row("step 2: chosen score", m2, "eval_chosen_score"),
                   _row("step 2: rejected score", m2, "eval_rejected_score")]
+        kinds = sorted(k[len("eval_accuracy_"):] for k in m2 if k.startswith("eval_accuracy_") and not k.endswith("_start"))
+        lines += [_row(f"step 2: pairwise accuracy, rejected = {kind.replace('_', ' ')}", m2, f"eval_accuracy_{kind}") for kind in kinds]
     if m3:
         lines += [_row("step 3: reward-model score", m3, "eval_reward"), _row("step 3: KL to reference", m3, "eval_kl"),
                   _row("step 3: accuracy (greedy)", m3, "eval_accuracy"), _row("step 3: response length", m3, "eval_response_length")]
@@ -216,6 +218,13 @@ def build_report(args, seconds):
         for b, a in shown:
             prompt = b["prompt"].replace("\n", " ").strip()
             lines.append(f"| `{prompt[-60:]}` | `{b['response']}` {b['score']:+.2f}{mark(b)} | `{a['response']}` {a['score']:+.2f}{mark(a)} |")
+    hacked = [r for r in after if r.get("correct") is False and r.get("reference_score") is not None and r["score"] > r["reference_score"]]
+    if after and "reference_score" in after[0]:
+        lines += ["", f"Reward hacking: {len(hacked)} of {len(after)} RLHF answers are wrong yet scored above the correct answer "
+                      "by the reward model" + (":" if hacked else ".")]
+        for r in hacked[:2]:
+            prompt = r["prompt"].replace("\n", " ").strip()
+            lines.append(f"- `{prompt[-60:]}` -> `{r['response']}` scored {r['score']:+.2f}, the correct answer {r['reference_score']:+.2f}")
     made = plots(args)
     lines += [""] + ([f"![{f}]({f})" for f in made] or ["(plots skipped: `pip install matplotlib` to draw them)"])
     return "\n".join(lines) + "\n"
@@ -231,6 +240,10 @@ def main(argv=None):
             seconds[i] = 0.0
             continue
         seconds[i] = run_step(i, args)
+        timing = os.path.join(args.output_dir, "seconds.json")  # wall time of each step that ran (scripts/sweep.py reads it)
+        done = json.load(open(timing)) if os.path.isfile(timing) else {}
+        with open(timing, "w") as f:
+            json.dump({**done, str(i): round(seconds[i], 1)}, f)
     report = build_report(args, seconds)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(report)

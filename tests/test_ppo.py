@@ -25,11 +25,14 @@ def test_ppo_runs_and_writes_everything(tmp_path):
     assert "step 3/3 | reward" in proc.stdout and "score" in proc.stdout
     m = _metrics(out)
     for key in ("eval_accuracy_start", "eval_accuracy", "eval_reward_start", "eval_reward", "eval_kl_start", "eval_kl",
-                "eval_response_length", "eval_eos_rate", "train_seconds"):
+                "eval_response_length", "eval_eos_rate", "eval_hacked", "train_seconds"):
         assert key in m, key
     assert m["eval_kl_start"] == pytest.approx(0.0, abs=1e-5)  # the actor starts as the reference
+    assert m["eval_kl"] > 0  # the exact KL of the next-token distributions: never negative, and the actor moved
     rows = [json.loads(l) for l in open(os.path.join(out, "eval_generations.jsonl"))]
-    assert rows and set(rows[0]) >= {"prompt", "response", "score", "correct"}
+    assert rows and set(rows[0]) >= {"prompt", "response", "score", "correct", "reference_score"}
+    hacked = [r for r in rows if not r["correct"] and r["score"] > r["reference_score"]]
+    assert m["eval_hacked"] == pytest.approx(len(hacked) / len(rows))
     for folder in ("actor", "actor_ema", "critic"):
         assert os.path.isfile(os.path.join(out, folder, "config.json")), folder
     from transformers import AutoModelForCausalLM
@@ -75,3 +78,13 @@ def test_kill_and_resume_gives_the_same_metrics(tmp_path):
     assert a == b
 
 
+
+
+def test_generation_batch_smaller_than_micro_batches_trains_over_the_whole_rollout(tmp_path):
+    # a rollout of 2 generation batches of 6 = 12 sequences, micro-batches of 4 sliced across both batches
+    out = str(tmp_path / "ppo")
+    proc = run_stage(["ppo.py", "--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "6",
+                      "--generation_batches", "2", "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8",
+                      "--data_split", "8,1,1", "--max_steps", "2", "--output_dir", out])
+    assert "rollout 6 x 2 per rank x 1 ranks = 12 sequences" in proc.stdout and "step 2/2" in proc.stdout
+    assert _metrics(out)["skipped_updates"] == 0

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import data
-from ppo import (AdaptiveKLController, compute_rewards, gae, kl_penalty, logprobs_from_logits, masked_mean,
-                 masked_whiten, policy_loss, response_mask, value_loss)
+from ppo import (AdaptiveKLController, advantages_and_returns, compute_rewards, gae, kl_from_logits, kl_penalty,
+                 logprobs_from_logits, masked_mean, masked_whiten, merge_experiences, policy_loss, response_mask,
+                 shape_scores, value_loss)
 
 EOS, PAD = 1, 0
 
@@ -102,8 +103,9 @@ def test_reward_lands_on_eos_or_last_token():
     response = torch.tensor([[5, 6, EOS, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]])
     mask = response_mask(response, EOS).float()
     logprobs, ref = torch.full((3, 4), -1.0), torch.full((3, 4), -1.5)
-    scores = torch.tensor([2.0, -9.0, 0.5])
-    rewards, kl = compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1, clip_reward_value=5.0)
+    has_eos = torch.tensor([True, False, True])
+    scores = shape_scores(torch.tensor([2.0, -9.0, 0.5]), has_eos, None, clip_reward_value=5.0, missing_eos_penalty=0.0)
+    rewards, kl = compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
     per_token = -0.1 * 0.5
     expected = [[per_token, per_token, per_token + 2.0, 0.0],          # score on the EOS itself
                 [per_token, per_token, per_token, per_token - 5.0],    # no EOS: last token, score clipped
@@ -131,3 +133,59 @@ def test_adaptive_kl_controller_moves_toward_target():
     fixed = AdaptiveKLController(0.1)
     fixed.update(100.0, 1000)
     assert fixed.value == 0.1
+
+
+def test_policy_loss_ignores_padded_slots_whatever_their_log_ratio():
+    # a padded slot holding garbage (log-ratio 1000: exp() overflows to inf) must not make the loss NaN
+    logprobs, old = torch.tensor([[math.log(1.5), 100.0]]), torch.tensor([[0.0, -900.0]])
+    adv, mask = torch.tensor([[1.0, 5.0]]), torch.tensor([[1.0, 0.0]])
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old, adv, mask, cliprange=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
+    assert approx_kl.item() == pytest.approx(0.5 * math.log(1.5) ** 2)
+
+
+def test_missing_eos_penalty_applies_after_the_clip():
+    raw, has_eos = torch.tensor([-10.0, 10.0, 1.0, -10.0]), torch.tensor([False, False, True, True])
+    shaped = shape_scores(raw, has_eos, None, clip_reward_value=5.0, missing_eos_penalty=1.0)
+    assert shaped.tolist() == [-6.0, 4.0, 1.0, -5.0]  # a low score still feels the whole penalty
+    stats = {"score_mean": 2.0, "score_std": 4.0}  # standardised first: (x - 2) / 4
+    assert shape_scores(raw, has_eos, stats, 5.0, 1.0).tolist() == [-4.0, 1.0, -0.25, -3.0]
+
+
+def test_kl_from_logits_is_the_exact_kl_and_never_negative():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    exact = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    kl = kl_from_logits(p.log().view(1, 1, 3), q.log().view(1, 1, 3))
+    assert kl.shape == (1, 1) and kl.item() == pytest.approx(exact, rel=1e-5)
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 6, 11), torch.randn(4, 6, 11)
+    assert (kl_from_logits(a, b) >= 0).all() and kl_from_logits(a, a).abs().max().item() < 1e-6
+    # temperature: the KL of the tempered distributions
+    t = kl_from_logits(a, b, temperature=2.0)
+    assert torch.allclose(t, kl_from_logits(a / 2, b / 2), atol=1e-6)
+
+
+def _exp(query_lens, response_lens, seed):
+    g = torch.Generator().manual_seed(seed)
+    tq, tr = max(query_lens), max(response_lens)
+    q_mask = data.pad([[1] * n for n in query_lens], 0, left=True)
+    mask = data.pad([[1] * n for n in response_lens], 0).float()
+    return {"query": q_mask * 7, "query_mask": q_mask, "response": mask.long() * 5, "mask": mask,
+            "rewards": torch.randn(len(query_lens), tr, generator=g) * mask, "values": torch.randn(len(query_lens), tr, generator=g) * mask,
+            "scores": torch.randn(len(query_lens), generator=g), "gen_seconds": 0.5, "width": tq}
+
+
+def test_generation_batches_merge_into_one_rollout_whitened_as_a_whole():
+    # two generation batches of different widths; the second holds a single response
+    a, b = _exp([3, 5], [4, 2], seed=0), _exp([2], [6], seed=1)
+    exp = merge_experiences([a, b], pad_id=0)
+    assert exp["query"].shape == (3, 5) and exp["response"].shape == (3, 6) and exp["scores"].shape == (3,)
+    assert exp["query_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]  # left padding kept
+    assert exp["mask"].sum(1).tolist() == [4, 2, 6]
+    assert torch.equal(exp["rewards"][2], b["rewards"][0]) and torch.equal(exp["rewards"][0, :4], a["rewards"][0])
+    adv, ret = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], gamma=1.0, lam=0.95)
+    raw, _ = gae(exp["rewards"], exp["values"], exp["mask"], 1.0, 0.95)
+    assert torch.allclose(adv, masked_whiten(raw, exp["mask"]))  # whitened over all 12 tokens of the rollout
+    # a one-response generation batch whitened on its own would lose its sign and scale; over the rollout it keeps them
+    alone = masked_whiten(gae(b["rewards"], b["values"], b["mask"], 1.0, 0.95)[0], b["mask"])
+    assert not torch.allclose(adv[2], alone[0], atol=1e-3)

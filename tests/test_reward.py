@@ -8,7 +8,8 @@ import torch
 import common
 import data
 from conftest import assert_one_line_error, run_stage
-from reward import end_scores, load_reward_model, pair_stats, pairwise_loss, save_reward_model
+import builtin
+from reward import end_scores, evaluate, load_reward_model, pair_stats, pairwise_loss, save_reward_model
 
 
 def test_pairwise_loss_matches_hand_computation():
@@ -79,6 +80,8 @@ def test_reward_two_ranks_zero3_from_tiny(tmp_path):
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for key in ("eval_accuracy_start", "eval_accuracy", "eval_chosen_score", "eval_rejected_score", "score_mean", "score_std", "train_seconds"):
         assert math.isfinite(metrics[key]), key
+    for kind in builtin.SORT_ERROR_KINDS:  # builtin:sort classifies its rejected answers: accuracy per kind
+        assert 0.0 <= metrics[f"eval_accuracy_{kind}"] <= 1.0, kind
     tok = common.load_tokenizer(out)
     model, stats = load_reward_model(out, tok)
     assert stats["score_std"] == pytest.approx(metrics["score_std"])
@@ -92,3 +95,37 @@ def test_dataset_without_pairs_is_one_line(tmp_path):
     proc = run_stage(["reward.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "local/jsonfile", "--data_split", "1,1,1",
                       "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path), check=False)
     assert_one_line_error(proc, "--data_path local/jsonfile", "no chosen/rejected pairs")
+
+
+def test_sort_error_kinds_are_read_off_the_answers():
+    kind = lambda rejected: builtin.sort_error_kind("sort: d b a c", "a b c d", rejected)  # noqa: E731
+    assert [kind(x) for x in ("a b d c", "b a c d", "a b c e", "a b d", "a b c d e", "a c b d")] == [
+        "last_two_swapped", "adjacent_swap", "replaced_letter", "dropped_letter", "added_letter", "adjacent_swap"]
+    import random
+    rng = random.Random(0)  # every corruption the demo draws is one of the five kinds, never the right answer
+    kinds = {builtin.sort_error_kind("", "a c e g h", " ".join(builtin._corrupt(rng, list("acegh")))) for _ in range(500)}
+    assert kinds == set(builtin.SORT_ERROR_KINDS)
+
+
+class StubEngine:
+    """Scores = the first token id of each row, so a test decides which pairs are judged right."""
+
+    def __call__(self, ids, mask):
+        return ids[:, :1].float().expand(ids.shape)
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+
+def test_per_kind_pairwise_accuracy_matches_a_hand_count():
+    # 4 pairs: (chosen first token, rejected first token, kind); chosen wins when its token is larger
+    pairs = [(5, 1, "swap"), (2, 3, "swap"), (4, 2, "swap"), (1, 9, "replaced")]
+    batch = {"input_ids": torch.tensor([[c, 0] for c, _, _ in pairs] + [[r, 0] for _, r, _ in pairs]),
+             "attention_mask": torch.ones(8, 2, dtype=torch.long), "kind": [k for _, _, k in pairs]}
+    args = type("Args", (), {"eval_iters": 0})()
+    out = evaluate(StubEngine(), [batch], args, torch.device("cpu"), kinds=["replaced", "swap"])
+    assert out["eval_accuracy"] == pytest.approx(2 / 4)
+    assert out["eval_accuracy_swap"] == pytest.approx(2 / 3) and out["eval_accuracy_replaced"] == 0.0
