@@ -1,6 +1,7 @@
 """Built-in stand-ins for what a user downloads from the hub, made by the project itself so that
 everything runs offline: tiny:<model_type> models (one per supported family) and the builtin:sort
-demo dataset. data.py and common.py turn them into rows and models like any other source."""
+demo dataset. data.py and common.py turn them into rows and models like any other source; this
+module imports nothing of ours."""
 import math
 import os
 import random
@@ -9,7 +10,6 @@ import shutil
 
 import torch
 
-from common import barrier, rank, tiny_cache_dir
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,14 +53,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
+def cache_dir():
+    """Where tiny models and tokenised data caches live: $MINIRLHF_CACHE or ~/.cache/minirlhf."""
+    return os.environ.get("MINIRLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minirlhf"))
+
+
 def tiny_model_path(model_type):
     """Folder of tiny:<model_type>, created (deterministically) on first use."""
     import torch.distributed as dist
-    path = os.path.join(tiny_cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
+
+    path = os.path.join(cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
     # under torch.distributed, transformers writes weights on rank 0 only: rank 0 builds, the rest wait
-    if not os.path.isfile(os.path.join(path, "config.json")) and (rank() == 0 or not dist.is_initialized()):
+    distributed = dist.is_initialized()
+    if not os.path.isfile(os.path.join(path, "config.json")) and (not distributed or dist.get_rank() == 0):
         _write_tiny_model(model_type, path)
-    barrier()
+    if distributed:
+        dist.barrier()
     return path
 
 

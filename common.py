@@ -1,10 +1,11 @@
-"""Shared plumbing for the three stages, nothing of the algorithm: distributed setup and printing,
-the DeepSpeed config, tokenizer/model loading (hub name, local folder or tiny:<model_type>), LoRA,
-optimizer and saving Hugging Face folders atomically.
-
-DeepSpeed is imported lazily (it takes seconds) so that `--help` and argument errors are instant.
+"""Shared plumbing, nothing of the algorithm: distributed setup and printing, argument checks, the DeepSpeed config,
+tokenizer and model loading (hub name, local folder or tiny:<model_type>), the reward model, LoRA, the optimizer,
+atomic saving of Hugging Face folders, EMA and the hybrid-engine toggle. DeepSpeed is imported lazily (it takes
+seconds), so `--help` and argument errors are instant.
 """
+
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import builtin
 
 
 class UserError(Exception):
@@ -51,19 +54,17 @@ def set_seed(seed):
     np.random.seed(seed)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed():
-    """Join the process group set up by the `deepspeed` launcher, or make a world of one for plain
-    `python stage.py`. Returns this rank's torch device."""
+    """Join the process group of the `deepspeed` launcher, or make a world of one under plain `python stage.py`.
+    Returns this rank's torch device."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
     acc = get_accelerator()
     on_cpu = acc.device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
@@ -75,23 +76,21 @@ def init_distributed():
 
 
 def barrier():
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def all_reduce_sum(values, device):
     """Sum a list of floats over ranks (counters, flags)."""
-    import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
     return t.tolist()
 
 
 def backward_step(engine, loss):
-    """engine.backward(loss) + engine.step(), unless the loss is NaN/inf on any rank: then all ranks skip the
-    micro-batch (collectives stay in step), so it never reaches the weights; False tells the caller to count it."""
+    """engine.backward(loss), then engine.step(); unless the loss is NaN/inf on any rank: then every rank skips the
+    micro-batch (collectives stay in step), so it never reaches the weights. False tells the caller to count it."""
     if all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], loss.device)[0] > 0:
         print_rank0("warning: non-finite loss; this micro-batch's update is skipped on every rank")
         return False
@@ -100,13 +99,14 @@ def backward_step(engine, loss):
     return True
 
 
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Argument checks shared by the stages; each raises a one-line UserError before any heavy work.
 def check_zero_stage(stage, flag="--zero_stage", offload=False):
     if stage not in (0, 1, 2, 3):
         raise UserError(f"{flag} {stage}: must be 0, 1, 2 or 3")
-    if offload and stage == 0:  # DeepSpeedCPUAdam would then meet parameters DeepSpeed never moved to the CPU
-        raise UserError(f"--offload with {flag} 0: DeepSpeed offloads optimizer state only under ZeRO 1-3; use {flag} 2 or 3")
+    if offload and stage == 0:  # DeepSpeedCPUAdam would meet parameters DeepSpeed never moved to the CPU
+        why = f"DeepSpeed offloads optimizer state only under ZeRO 1-3; use {flag} 2 or 3"
+        raise UserError(f"--offload with {flag} 0: {why}")
 
 
 def check_dtype(dtype):
@@ -146,125 +146,188 @@ def check_output_dir(path):
 def check_model_path(name, flag="--model_name_or_path"):
     """A tiny:<type>, a folder with config.json, or a hub name that the Hub (or its cache) resolves."""
     if name.startswith("tiny:"):
-        from builtin import TINY_FAMILIES
-        if name[5:] not in TINY_FAMILIES:
-            raise UserError(f"{flag} {name}: unknown tiny model type (known: {', '.join('tiny:' + k for k in TINY_FAMILIES)})")
-        return
-    if os.path.isdir(name):
+        if name[5:] not in builtin.TINY_FAMILIES:
+            known = ", ".join("tiny:" + k for k in builtin.TINY_FAMILIES)
+            raise UserError(f"{flag} {name}: unknown tiny model type (known: {known})")
+    elif os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model folder)")
-        return
-    if os.path.exists(name) or name.startswith(("/", "./", "../")) or name.count("/") > 1:
+    elif os.path.exists(name) or name.startswith(("/", "./", "../")) or name.count("/") > 1:
         raise UserError(f"{flag} {name}: no such model folder")
-    from transformers import AutoConfig
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {name}: not a local folder and not loadable from the Hugging Face Hub "
-                        f"({str(e).splitlines()[0][:160]})") from None
+    else:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            why = f"not a local folder and not loadable from the Hugging Face Hub ({str(e).splitlines()[0][:160]})"
+            raise UserError(f"{flag} {name}: {why}") from None
 
 
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # DeepSpeed config (DeepSpeed-Chat's get_train_ds_config / get_eval_ds_config, trimmed).
 def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, tensorboard=None, train=True):
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "train_batch_size": micro_batch * grad_accum * world_size(),
-        "gradient_accumulation_steps": grad_accum,
-        "steps_per_print": 10 ** 9,  # we print our own line per step
-        "zero_optimization": {
-            "stage": stage,
-            "offload_param": {"device": "cpu" if offload and stage == 3 else "none"},
-            "offload_optimizer": {"device": "cpu" if offload and train and stage > 0 else "none"},
-            "stage3_param_persistence_threshold": 1e4,
-            "stage3_max_live_parameters": 3e7,
-            "stage3_prefetch_bucket_size": 3e7,
-        },
-        "zero_allow_untested_optimizer": True,  # plain torch AdamW on CPU
-        "fp16": {"enabled": dtype == "fp16", "loss_scale_window": 100},
-        "bf16": {"enabled": dtype == "bf16"},
-        "gradient_clipping": clip,
-        "wall_clock_breakdown": False,
-    }
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7}
+    zero["stage3_prefetch_bucket_size"] = 3e7
+    zero["offload_param"] = {"device": "cpu" if offload and stage == 3 else "none"}
+    zero["offload_optimizer"] = {"device": "cpu" if offload and train and stage > 0 else "none"}
+    cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum}
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size()
+    cfg["steps_per_print"] = 10**9  # we print our own line per step
+    cfg["zero_optimization"] = zero
+    cfg["zero_allow_untested_optimizer"] = True  # plain torch AdamW on CPU
+    cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale_window": 100}
+    cfg.update(bf16={"enabled": dtype == "bf16"}, gradient_clipping=clip, wall_clock_breakdown=False)
     if tensorboard:
         cfg["tensorboard"] = {"enabled": True, "output_path": tensorboard[0], "job_name": tensorboard[1]}
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Loading: a hub name, a local folder, or tiny:<model_type> (builtin.py).
 def tiny_cache_dir():  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
-    return os.environ.get("MINIRLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "minirlhf"))
+    return builtin.cache_dir()
 
 
 def resolve_model(name):
-    if name.startswith("tiny:"):
-        import builtin  # imports this module: loaded on first use
-        return builtin.tiny_model_path(name[5:])
-    return name
+    return builtin.tiny_model_path(name[5:]) if name.startswith("tiny:") else name
 
 
 def load_tokenizer(name, flag="--model_name_or_path"):
-    """The model's tokenizer with a PAD distinct from EOS (added when missing), so padding never
-    hides the end of a response."""
+    """The model's tokenizer with a PAD distinct from EOS (added when missing), so padding never hides the end of a
+    response."""
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     if tokenizer.eos_token_id is None:
-        raise UserError(f"{flag} {name}: its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json")
+        why = "its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json"
+        raise UserError(f"{flag} {name}: {why}")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
 
 
-def configure_dropout(config, dropout):
-    """Set every dropout probability the config has (None keeps the model's own)."""
-    if dropout is None:
-        return
-    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
-                "embd_pdrop", "attn_pdrop", "resid_dropout", "embed_dropout", "summary_first_dropout"):
-        if hasattr(config, key):
-            setattr(config, key, dropout)
+_DROPOUT_KEYS = "dropout attention_dropout hidden_dropout activation_dropout resid_pdrop embd_pdrop attn_pdrop"
+_DROPOUT_KEYS = (_DROPOUT_KEYS + " resid_dropout embed_dropout summary_first_dropout").split()
 
 
 def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None):
-    """A transformers model in fp32 (DeepSpeed casts it), embeddings resized to the tokenizer.
-    Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained shard parameters as they load."""
+    """A transformers model in fp32 (DeepSpeed casts it), embeddings resized to the tokenizer, every dropout of the
+    config set to `dropout` (None keeps the model's own). Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained
+    shard the parameters as they load."""
     import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
     path = resolve_model(name)
     config = transformers.AutoConfig.from_pretrained(path)
-    configure_dropout(config, dropout)
-    keep = None
-    if zero_stage == 3 and ds_cfg is not None:
-        from transformers.integrations import HfDeepSpeedConfig
-        keep = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 -- must stay alive while the model loads
+    for key in _DROPOUT_KEYS if dropout is not None else []:
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+    sharded = HfDeepSpeedConfig(ds_cfg) if zero_stage == 3 and ds_cfg is not None else None  # alive while loading
     model = getattr(transformers, auto_class).from_pretrained(path, config=config)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    del keep
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    del sharded
     return model
 
 
 def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):
     """`max_seq_len`, capped at the model's number of positions (with a note when it is)."""
     from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(resolve_model(name))
-    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "seq_length") if getattr(config, k, None)), None)
+    keys = ("max_position_embeddings", "n_positions", "seq_length")
+    limit = next((getattr(config, k) for k in keys if getattr(config, k, None)), None)
     if limit and max_seq_len > limit:
         print_rank0(f"note: {flag} {max_seq_len} capped at the model's {limit} positions")
         return limit
     return max_seq_len
 
 
-# --------------------------------------------------------------------------------------------
-# LoRA, in DeepSpeed-Chat's layout (lora_right_weight, lora_left_weight, lora_scaling, fuse_lora),
-# the convention DeepSpeed's hybrid engine knows how to fuse. Handles nn.Linear and GPT-2's Conv1D
-# (weight stored transposed, [in, out]).
-class LinearLayer_LoRA(nn.Module):
+# ----------------------------------------------------------------------------------------------------------------------
+# The reward model (step 2; step 3's reward model and critic): a backbone + v_head, read at the last real token.
+def position_inputs(model, attention_mask):
+    """position_ids counted over real tokens (as `generate` does), for models that take them, so a left-padded
+    sequence gets the same values as the same sequence right-padded."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return {}  # e.g. BLOOM: ALiBi reads the attention mask itself
+    return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
+
+
+def last_token_index(attention_mask):
+    """Position of the last real token of each row: [B, T] -> [B]. Right for left and right padding and for
+    BOS == PAD (it reads the mask, never token ids). Where the reward model reads its score."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def end_scores(values, attention_mask):
+    """The sequence score: values at the last real token (the EOS of a finished answer). [B, T], [B, T] -> [B]."""
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+class RewardModel(nn.Module):
+    """Backbone (transformers AutoModel) + v_head: Linear(hidden, 1), init N(0, 1/sqrt(hidden+1))."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.config = backbone, backbone.config
+        hidden = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size  # OPT projects its output
+        self.v_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        """Per-token values [B, T] in fp32."""
+        pos = position_inputs(self.backbone, attention_mask)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pos).last_hidden_state
+        return self.v_head(h).squeeze(-1).float()  # [B, T, H] -> [B, T]
+
+    def score(self, input_ids, attention_mask):
+        return end_scores(self(input_ids, attention_mask), attention_mask)
+
+
+def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
+    """A RewardModel from a step-2 folder (v_head and score statistics restored) or from any causal LM (fresh
+    v_head). Returns (model, {"score_mean", "score_std"} or None)."""
+    from safetensors import safe_open
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # v_head.* are "unexpected" to AutoModel: we load them below
+    try:
+        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    folder = resolve_model(name)
+    index = os.path.join(folder, "model.safetensors.index.json")  # sharded: find the file holding v_head
+    files = [json.load(open(index))["weight_map"].get("v_head.weight")] if os.path.isfile(index) else []
+    files = files or ["model.safetensors"]
+    for file in (f for f in files if f and os.path.isfile(os.path.join(folder, f))):
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            if "v_head.weight" in f.keys():
+                model.v_head.load_state_dict({k: f.get_tensor(f"v_head.{k}") for k in ("weight", "bias")})
+    stats = {k: getattr(model.config, k, None) for k in ("score_mean", "score_std")}
+    return model, (stats if stats["score_mean"] is not None else None)
+
+
+def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
+    """HF folder of the backbone whose weights also hold v_head.*; collective under ZeRO-3."""
+    sd = full_state_dict(model)
+    if sd is not None:
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+        model.backbone.config.architectures = [type(model.backbone).__name__]
+        for k, v in (stats or {}).items():
+            setattr(model.backbone.config, k, v)
+    save_hf(model.backbone, tokenizer, output_dir, json_files=json_files, state_dict=sd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA in DeepSpeed-Chat's layout (lora_right_weight, lora_left_weight, lora_scaling, fuse_lora): the convention
+# DeepSpeed's hybrid engine knows how to fuse. nn.Linear and GPT-2's Conv1D (weight stored transposed, [in, out]).
+class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid engine looks for
     def __init__(self, weight, bias, lora_dim, lora_scaling=1.0, transposed=False):
         super().__init__()
         self.weight, self.bias, self.transposed = weight, bias, transposed
@@ -293,8 +356,7 @@ class LinearLayer_LoRA(nn.Module):
             self.fuse_lora = False
 
     def forward(self, x):
-        w = self.weight.t() if self.transposed else self.weight
-        out = F.linear(x, w, self.bias)
+        out = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
         if self.fuse_lora:
             return out
         return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
@@ -303,20 +365,16 @@ class LinearLayer_LoRA(nn.Module):
 def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):
     """Replace every nn.Linear / Conv1D whose name contains `module_name` by a LoRA layer."""
     from transformers.pytorch_utils import Conv1D
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
     if not targets:
         raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
     for name, module in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
         setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
-    print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} matching {module_name!r}, dim {lora_dim}")
+    print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} match {module_name!r}, dim {lora_dim}")
     return model
-
-
-def lora_layers(model):
-    return [m for m in model.modules() if isinstance(m, LinearLayer_LoRA)]
 
 
 def only_optimize_lora(model):
@@ -325,74 +383,71 @@ def only_optimize_lora(model):
     return model
 
 
-_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight",
-             "ln_2.weight", "ln_attn.weight", "ln_mlp.weight", "norm_1.weight", "norm_2.weight")
+def default_lora_module(model):
+    """The family's decoder-layer prefix: "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or "h." (GPT-2, GPT-J,
+    GPT-Neo, BLOOM, CodeGen)."""
+    names = [n for n, _ in model.named_modules()]
+    return "layers." if any(".layers." in n or n.startswith("layers.") for n in names) else "h."
+
+
+_NO_DECAY = "bias layer_norm.weight layernorm.weight norm.weight ln_f.weight ln_1.weight ln_2.weight ln_attn.weight"
+_NO_DECAY = (_NO_DECAY + " ln_mlp.weight norm_1.weight norm_2.weight").split()
 
 
 def make_optimizer(model, lr, weight_decay, lora_lr=None, offload=False):
-    """AdamW (betas 0.9/0.95 as DeepSpeed-Chat) with no decay on biases and norms and LoRA's own lr.
-    DeepSpeedCPUAdam when the optimizer state is offloaded (DeepSpeed requires it)."""
+    """AdamW (betas 0.9/0.95 as DeepSpeed-Chat) with no decay on biases and norms and LoRA's own lr; DeepSpeedCPUAdam
+    when the optimizer state is offloaded (DeepSpeed requires it)."""
     groups = {"decay": [], "no_decay": [], "lora": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = "lora" if "lora_" in name else ("no_decay" if any(k in name for k in _NO_DECAY) else "decay")
-        groups[key].append(p)
-    param_groups = [{"params": groups["decay"], "weight_decay": weight_decay},
-                    {"params": groups["no_decay"], "weight_decay": 0.0},
-                    {"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr}]
+        if p.requires_grad:
+            key = "lora" if "lora_" in name else ("no_decay" if any(k in name for k in _NO_DECAY) else "decay")
+            groups[key].append(p)
+    param_groups = [{"params": groups["decay"], "weight_decay": weight_decay}]
+    param_groups += [{"params": groups["no_decay"], "weight_decay": 0.0}]
+    param_groups += [{"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr}]
     param_groups = [g for g in param_groups if g["params"]]
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
         return DeepSpeedCPUAdam(param_groups, lr=lr, betas=(0.9, 0.95))
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
 
 
-# --------------------------------------------------------------------------------------------
-# Saving: full (ZeRO-3-gathered) weights with LoRA fused into plain HF layers, written beside the
-# target and renamed into place, so a crash never leaves a half-written folder where a good one was.
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving: full (ZeRO-3-gathered) weights with LoRA fused into plain HF layers, written beside the target and renamed
+# into place, so a crash never leaves a half-written folder where a good one was.
 def gather_params(model):
-    """{name: CPU tensor} of every parameter on rank 0 (None elsewhere), ZeRO-3 shards gathered one
-    parameter at a time. Collective under ZeRO-3: call on every rank."""
+    """{name: CPU tensor} of every parameter on rank 0 (None elsewhere), ZeRO-3 shards gathered one parameter at a
+    time. Collective under ZeRO-3: call on every rank."""
     import deepspeed
+
     sd = {}
     for name, p in model.named_parameters():
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p]):
-                if rank() == 0:
-                    sd[name] = p.data.detach().cpu().clone()
-        elif rank() == 0:
-            sd[name] = p.detach().cpu().clone()
+        with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext():
+            if rank() == 0:
+                sd[name] = p.data.detach().cpu().clone()
     return sd if rank() == 0 else None
 
 
 def state_dict_from(model, params):
-    """A saveable state dict from gathered `params`: persistent buffers added, LoRA fused."""
+    """A saveable state dict from gathered `params`: persistent buffers added, each LoRA update folded into its base
+    weight (plain HF keys out)."""
     keys = set(model.state_dict().keys())
-    sd = dict(params)
-    for name, b in model.named_buffers():
-        if name in keys:
-            sd[name] = b.detach().cpu().clone()
-    return fuse_lora_state(model, sd)
-
-
-def full_state_dict(model):
-    """The complete state dict on rank 0 (None elsewhere): ZeRO-3 gathered, LoRA fused into its base
-    weight and its own tensors dropped. Collective under ZeRO-3."""
-    params = gather_params(model)
-    return None if params is None else state_dict_from(model, params)
-
-
-def fuse_lora_state(model, sd):
-    """Fold every LoRA layer's update into its base weight in state dict `sd` (plain HF keys out)."""
+    sd = {**params, **{n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys}}
     for mname, m in model.named_modules():
         if isinstance(m, LinearLayer_LoRA):
             prefix = f"{mname}." if mname else ""
-            right, left = sd.pop(prefix + "lora_right_weight"), sd.pop(prefix + "lora_left_weight")
-            d = m.lora_scaling * (right.float() @ left.float())
+            right, left = sd.pop(prefix + "lora_right_weight").float(), sd.pop(prefix + "lora_left_weight").float()
+            d = m.lora_scaling * (right @ left)  # [in, out]
             w = sd[prefix + "weight"]
             sd[prefix + "weight"] = (w.float() + (d if m.transposed else d.t())).to(w.dtype)
     return sd
+
+
+def full_state_dict(model):
+    """The complete state dict on rank 0 (None elsewhere): ZeRO-3 gathered, LoRA fused. Collective under ZeRO-3."""
+    params = gather_params(model)
+    return None if params is None else state_dict_from(model, params)
 
 
 def write_json(path, obj):
@@ -403,28 +458,27 @@ def write_json(path, obj):
 
 
 def publish_dir(tmp, output_dir):
-    """Move the finished folder `tmp` to `output_dir`, carrying over files already there (logs) that
-    the new folder does not replace. The old folder stays complete until the final rename."""
-    if os.path.isdir(output_dir):
-        for entry in os.listdir(output_dir):
-            if not os.path.exists(os.path.join(tmp, entry)):
-                os.replace(os.path.join(output_dir, entry), os.path.join(tmp, entry))
-        old = f"{output_dir}.old{os.getpid()}"
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+    """Move the finished folder `tmp` to `output_dir`, carrying over files already there (logs) that the new folder
+    does not replace. The old folder stays complete until the final rename."""
+    if not os.path.isdir(output_dir):
         os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-        os.replace(tmp, output_dir)
+        return os.replace(tmp, output_dir)
+    for entry in os.listdir(output_dir):
+        if not os.path.exists(os.path.join(tmp, entry)):
+            os.replace(os.path.join(output_dir, entry), os.path.join(tmp, entry))
+    old = f"{output_dir}.old{os.getpid()}"
+    os.replace(output_dir, old)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 _GATHER = object()
 
 
 def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=_GATHER):
-    """Save `model` (a transformers PreTrainedModel, possibly wrapped in LoRA / ZeRO-3) as a Hugging
-    Face folder, plus json files (args.json, metrics.json, ...). Collective: call on every rank.
-    A caller that gathered the weights itself passes them as `state_dict` (None on ranks other than 0)."""
+    """Save `model` (a transformers PreTrainedModel, maybe with LoRA / under ZeRO-3) as a Hugging Face folder plus
+    json files (args.json, metrics.json, ...). Collective: call on every rank. A caller that gathered the weights
+    itself passes them as `state_dict` (None on ranks other than 0)."""
     sd = full_state_dict(model) if state_dict is _GATHER else state_dict
     if rank() == 0:
         tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
@@ -437,51 +491,25 @@ def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=_GATHER):
     barrier()
 
 
-def default_lora_module(model):
-    """The decoder-layer prefix of the family: "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or
-    "h." (GPT-2, GPT-J, GPT-Neo, BLOOM, CodeGen)."""
-    names = [n for n, _ in model.named_modules()]
-    return "layers." if any(".layers." in n or n.startswith("layers.") for n in names) else "h."
+class EMA:
+    """Exponential moving average of a model's parameters, in fp32 on rank 0's CPU (DeepSpeed-Chat's --enable_ema,
+    beta 0.992). Collective under ZeRO-3: call on every rank."""
 
+    def __init__(self, module, beta=0.992):
+        self.beta = beta
+        params = gather_params(module)
+        self.shadow = None if params is None else {k: v.float() for k, v in params.items()}
 
-# --------------------------------------------------------------------------------------------
-# The hybrid-engine toggle. DeepSpeed's hybrid engine switches the actor between ZeRO training and
-# fused inference kernels for generation; it needs a CUDA GPU and a DeepSpeed policy for the model
-# (there is none for OPT under transformers 5, where its generate fails). When it is unavailable we
-# fall back, with one warning, to gathering ZeRO-3 parameters once per rollout and calling generate.
-def hybrid_engine_config(max_out_tokens, inference_tp_size, release_inference_cache, pin_parameters, tp_gather_partition_size):
-    return {"enabled": True, "max_out_tokens": max_out_tokens, "inference_tp_size": inference_tp_size,
-            "release_inference_cache": release_inference_cache, "pin_parameters": pin_parameters,
-            "tp_gather_partition_size": tp_gather_partition_size}
+    def update(self, module):
+        for k, v in (gather_params(module) or {}).items():
+            self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
 
-
-def probe_hybrid_engine(engine, tokenizer, device):
-    """True when `engine` (built with the hybrid engine) generates; else warns once and returns False."""
-    try:
-        ids = torch.tensor([[tokenizer.eos_token_id] * 2], device=device)
-        engine.eval()
-        engine.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                        pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
-        return True
-    except Exception as e:  # noqa: BLE001 -- any failure means: use the fallback path
-        print_rank0(f"warning: hybrid engine cannot generate for this model ({type(e).__name__}: {str(e)[:120]}); "
-                    f"falling back to ZeRO-gathered generate")
-        return False
-
-
-@contextlib.contextmanager
-def generation_model(engine, hybrid, zero3):
-    """The object to call .generate on for one rollout: the hybrid engine itself; or, under ZeRO-3,
-    the module with all parameters gathered once and ZeRO's per-module hooks removed (instead of one
-    all-gather per layer per token); or the plain module."""
-    if hybrid:
-        yield engine
-    elif zero3:
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-        with unwrap_model_for_generation(engine) as gathered:
-            yield gathered.module
-    else:
-        yield engine.module
+    def state_dict(self, module):
+        """Saveable weights (rank 0; None elsewhere), cast back to the model's dtypes, LoRA fused."""
+        if self.shadow is None:
+            return None
+        dtypes = {n: p.dtype for n, p in module.named_parameters()}
+        return state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
 
 
 class CSVLog:
@@ -498,3 +526,44 @@ class CSVLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.writelines(f"{step},{k},{v}\n" for k, v in metrics.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The hybrid-engine toggle. DeepSpeed's hybrid engine switches the actor between ZeRO training and fused inference
+# kernels for generation; it needs a CUDA GPU and a DeepSpeed policy for the model (there is none for OPT under
+# transformers 5, where its generate fails). Where it cannot run we fall back, with one warning, to gathering ZeRO-3
+# parameters once per rollout and calling generate on the plain module.
+def hybrid_engine_config(max_out_tokens, inference_tp_size, release_inference_cache, pin_parameters, tp_gather_size):
+    return {"enabled": True, "max_out_tokens": max_out_tokens, "inference_tp_size": inference_tp_size,
+            "release_inference_cache": release_inference_cache, "pin_parameters": pin_parameters,
+            "tp_gather_partition_size": tp_gather_size}  # fmt: skip
+
+
+def probe_hybrid_engine(engine, tokenizer, device):
+    """True when `engine` (built with the hybrid engine) generates; else warns once and returns False."""
+    try:
+        ids = torch.tensor([[tokenizer.eos_token_id] * 2], device=device)
+        engine.eval()
+        kwargs = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": tokenizer.pad_token_id, "synced_gpus": False}
+        engine.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        return True
+    except Exception as e:  # whatever the failure, the fallback path generates correctly
+        why = f"{type(e).__name__}: {str(e)[:120]}"
+        print_rank0(f"warning: hybrid engine cannot generate for this model ({why}); falling back to gathered generate")
+        return False
+
+
+@contextlib.contextmanager
+def generation_model(engine, hybrid, zero3):
+    """What to call .generate on for one rollout: the hybrid engine itself; or, under ZeRO-3, the module with all its
+    parameters gathered once and ZeRO's per-module hooks removed (not one all-gather per layer per token); or the
+    plain module."""
+    if hybrid:
+        yield engine
+    elif zero3:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(engine) as gathered:
+            yield gathered.module
+    else:
+        yield engine.module

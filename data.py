@@ -7,7 +7,7 @@ Conventions (used by sft.py, reward.py and ppo.py):
   SFT-only sources), `response` the step-1 demonstration (defaults to chosen).
 - Responses start with a space; the tokenizer's EOS is appended to every response.
 - Mask convention: attention_mask is 1 on real tokens, 0 on padding; labels are -100 where no loss
-  is taken. Training batches are right-padded, generation prompts left-padded; `last_token_index`
+  is taken. Training batches are right-padded, generation prompts left-padded; common.last_token_index
   works for both.
 """
 import collections
@@ -380,13 +380,6 @@ def collate_pairs(batch, pad_id):
 def collate_prompts(batch, pad_id):
     ids = [b["prompt_ids"] for b in batch]
     return {"input_ids": pad(ids, pad_id, left=True), "attention_mask": pad([[1] * len(s) for s in ids], 0, left=True)}
-
-
-def last_token_index(attention_mask):
-    """Position of the last real token of each row: [B, T] -> [B]. Correct for left and right padding
-    and for BOS == PAD (it reads the mask, never token ids). Where the reward model reads its score."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.flip(1).long().argmax(1)
 
 
 # --------------------------------------------------------------------------------------------

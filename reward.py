@@ -16,19 +16,17 @@ Outputs in --output_dir: a Hugging Face folder of the backbone whose weights als
 and v_head.bias, with score_mean/score_std in config.json; args.json; metrics.json.
 """
 import argparse
-import inspect
 import json
 import math
 import os
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, print_rank0
+from common import UserError, end_scores, load_reward_model, print_rank0, save_reward_model
 
 
 def parse_args(argv=None):
@@ -84,92 +82,6 @@ def check_args(args):
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
-
-
-# --------------------------------------------------------------------------------------------
-# The model and its score, shared with step 3 (reward model and critic).
-def position_inputs(model, attention_mask):
-    """position_ids counted over real tokens (as `generate` does), for models that take them, so a
-    left-padded sequence gets the same values as the same sequence right-padded."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return {}  # e.g. BLOOM: ALiBi reads the attention mask itself
-    return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
-
-
-def end_scores(values, attention_mask):
-    """The sequence score: values at the last real token. values, attention_mask: [B, T] -> [B]."""
-    return values.gather(1, data.last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
-
-
-class RewardModel(nn.Module):
-    """Backbone (transformers AutoModel) + v_head: Linear(hidden, 1), init N(0, 1/sqrt(hidden+1))."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone, self.config = backbone, backbone.config
-        # OPT projects its last hidden state to word_embed_proj_dim
-        hidden = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size
-        self.v_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.v_head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        """Per-token values [B, T] in fp32."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          **position_inputs(self.backbone, attention_mask)).last_hidden_state
-        return self.v_head(h).squeeze(-1).float()
-
-    def score(self, input_ids, attention_mask):
-        return end_scores(self(input_ids, attention_mask), attention_mask)
-
-
-def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
-    """A RewardModel from a step-2 folder (v_head and score stats restored) or from any causal LM
-    (fresh v_head). Returns (model, {"score_mean", "score_std"} or None)."""
-    from transformers.utils import logging as hf_logging
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # v_head.* are "unexpected" to AutoModel: we load them below
-    try:
-        backbone = common.load_model(name, tokenizer, auto_class="AutoModel", dropout=dropout, zero_stage=zero_stage, ds_cfg=ds_cfg)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model = RewardModel(backbone)
-    head = read_v_head(common.resolve_model(name))
-    if head is not None:
-        model.v_head.load_state_dict(head)
-    stats = None
-    if getattr(backbone.config, "score_mean", None) is not None:
-        stats = {"score_mean": backbone.config.score_mean, "score_std": backbone.config.score_std}
-    return model, stats
-
-
-def read_v_head(folder):
-    """v_head.weight/bias from a saved reward model's safetensors (single file or sharded), or None."""
-    from safetensors import safe_open
-    if not os.path.isdir(folder):
-        return None
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        file = json.load(open(index))["weight_map"].get("v_head.weight")
-        files = [file] if file else []
-    else:
-        files = ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
-    for file in files:
-        with safe_open(os.path.join(folder, file), "pt") as f:
-            if "v_head.weight" in f.keys():
-                return {"weight": f.get_tensor("v_head.weight"), "bias": f.get_tensor("v_head.bias")}
-    return None
-
-
-def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
-    """HF folder of the backbone whose weights also hold v_head.*; collective under ZeRO-3."""
-    sd = common.full_state_dict(model)
-    if sd is not None:
-        sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
-        model.backbone.config.architectures = [type(model.backbone).__name__]
-        for k, v in (stats or {}).items():
-            setattr(model.backbone.config, k, v)
-    common.save_hf(model.backbone, tokenizer, output_dir, json_files=json_files, state_dict=sd)
 
 
 # --------------------------------------------------------------------------------------------

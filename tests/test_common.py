@@ -20,15 +20,15 @@ def test_lora_fused_equals_unfused_and_saved_weights_match(family, tmp_path):
     model, tok = _model(family)
     model.eval()
     common.convert_to_lora(model, common.default_lora_module(model), lora_dim=4)
-    for layer in common.lora_layers(model):
+    for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
         torch.nn.init.normal_(layer.lora_left_weight, std=0.5)  # a non-zero update (init is zero)
     x = torch.randint(2, 200, (2, 12))
     with torch.no_grad():
         unfused = model(x).logits
-        for layer in common.lora_layers(model):
+        for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
             layer.fuse_lora_weight()
         fused = model(x).logits
-        for layer in common.lora_layers(model):
+        for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
             layer.unfuse_lora_weight()
         again = model(x).logits
     assert torch.allclose(unfused, fused, atol=1e-4)

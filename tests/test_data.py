@@ -120,7 +120,7 @@ def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
 def test_last_token_index_left_and_right_padding(left):
     seqs = [[5, 6, 7], [5], [5, 6, 7, 8, 9]]
     mask = data.pad([[1] * len(s) for s in seqs], 0, left=left)
-    idx = data.last_token_index(mask)
+    idx = common.last_token_index(mask)
     expected = [4, 4, 4] if left else [2, 0, 4]
     assert idx.tolist() == expected
 
@@ -129,5 +129,5 @@ def test_last_token_index_ignores_token_ids_when_bos_equals_pad():
     pad_id = 1
     ids = data.pad([[1, 9, 9, 2], [1, 9]], pad_id)  # BOS == PAD == 1 at the start of every row
     mask = data.pad([[1] * 4, [1] * 2], 0)
-    assert data.last_token_index(mask).tolist() == [3, 1]
-    assert ids[1, data.last_token_index(mask)[1]].item() == 9
+    assert common.last_token_index(mask).tolist() == [3, 1]
+    assert ids[1, common.last_token_index(mask)[1]].item() == 9

@@ -52,7 +52,7 @@ def test_family_runs_all_three_steps_with_and_without_lora(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(builtin.TINY_FAMILIES))
 def test_reward_head_width_comes_from_the_config(family):
     import common
-    from reward import load_reward_model
+    from common import load_reward_model
     tok = common.load_tokenizer(f"tiny:{family}")
     model, _ = load_reward_model(f"tiny:{family}", tok)
     ids = tok(["Human: hi\n\nAssistant: yo"], return_tensors="pt")

@@ -9,7 +9,8 @@ import common
 import data
 from conftest import assert_one_line_error, run_stage
 import builtin
-from reward import end_scores, evaluate, load_reward_model, pair_stats, pairwise_loss, save_reward_model
+from common import end_scores, load_reward_model, save_reward_model
+from reward import evaluate, pair_stats, pairwise_loss
 
 
 def test_pairwise_loss_matches_hand_computation():
