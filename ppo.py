@@ -54,7 +54,7 @@ def parse_args(argv=None):
     a("--generation_batches", type=int, default=1, help="generation batches per rollout")
     a("--per_device_training_batch_size", type=int, default=32, help="sequences per PPO micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    a("--ppo_epochs", type=int, default=1, help="passes over each rollout")
     a("--num_train_epochs", type=int, default=1, help="passes over the phase-3 prompts")
     a("--max_steps", type=int, default=0, help="stop after this many rollouts (0: --num_train_epochs)")
     a("--max_prompt_seq_len", type=int, default=256, help="longer prompts are dropped")
