@@ -22,7 +22,10 @@ _GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, res
 _LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
               intermediate_size=_FF // 2, max_position_embeddings=_POS)
 TINY_FAMILIES = {
-    "gpt2": _GPT,
+    # the demo model: 16 heads of 8 dims. Judging "the input, sorted" needs many attention lookups (is each answer
+    # letter in the prompt?): with 4 heads the reward model stalls near 0.9 pairwise accuracy, with 16 it passes
+    # 0.99, for 15% more time per step (README, "The built-in demo").
+    "gpt2": {**_GPT, "n_head": 16},
     "gptj": {**_GPT, "rotary_dim": 16},
     "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
     "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
@@ -37,7 +40,7 @@ TINY_FAMILIES = {
                     window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
                     resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
 }
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 
 def byte_tokenizer():
@@ -99,7 +102,8 @@ def _write_tiny_model(model_type, path):
 # right (correct answer chosen, a corrupted one rejected), so steps 2-3 can fix what step 1 copied.
 SORT_LETTERS = "abcdefghijklmnop"
 SORT_MIN, SORT_MAX, SORT_LONG = 3, 6, 5
-SORT_P_SYSTEMATIC = 0.6  # chance a long-list demonstration has its last two items swapped
+SORT_P_SYSTEMATIC = 0.8  # chance a long-list demonstration has its last two items swapped (at 0.6 a tiny model
+# blends the two modes into a letter between them, " b e i o o" for " b e i n p", an answer no pair ever showed the RM)
 SORT_P_NOISE = 0.1  # chance any demonstration has two random adjacent items swapped
 SORT_N_TRAIN, SORT_N_EVAL = 30000, 1000
 SORT_DATA_SEED = 0  # the demo is a fixed dataset, like a hub one; --seed only drives the split

@@ -55,7 +55,7 @@ def parse_args(argv=None):
     g("--lam", type=float, default=0.95, help="GAE lambda")
     g("--cliprange", type=float, default=0.2, help="policy ratio clip")
     g("--cliprange_value", type=float, default=0.2, help="value clip around the rollout's values")
-    g("--ppo_epochs", type=int, default=2, help="passes over each rollout")
+    g("--ppo_epochs", type=int, default=1, help="passes over each rollout (DeepSpeed-Chat: 1)")
     g("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
     g("--top_p", type=float, default=1.0, help="nucleus sampling")
     g("--top_k", type=int, default=0, help="top-k sampling (0: off)")

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
     p.add_argument("--per_device_eval_batch_size", type=int, default=32, help="pairs per eval micro-batch per rank")
     p.add_argument("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
-    p.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     p.add_argument("--num_train_epochs", type=int, default=2, help="passes over the phase-2 pairs")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")

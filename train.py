@@ -24,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = {1: ("sft.py", "step1_sft"), 2: ("reward.py", "step2_reward"), 3: ("ppo.py", "step3_ppo")}
-EVAL_INTERVAL = 25  # step-3 held-out evals every N steps: the report's accuracy curve (--step3-args overrides)
+EVAL_INTERVAL = 50  # step-3 held-out evals every N steps: the report's accuracy curve (--step3-args overrides)
 
 
 def parse_args(argv=None):
