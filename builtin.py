@@ -2,6 +2,7 @@
 everything runs offline: tiny:<model_type> models (one per supported family) and the builtin:sort
 demo dataset. data.py and common.py turn them into rows and models like any other source; this
 module imports nothing of ours."""
+
 import math
 import os
 import random
@@ -10,17 +11,23 @@ import shutil
 
 import torch
 
-
-
 # --------------------------------------------------------------------------------------------
 # Tiny models: tiny:<model_type> is a random model of that family with a byte-level tokenizer
 # (any UTF-8 text, PAD != EOS), written once as a standard HF folder so every later code path
 # (from_pretrained, save, reload) is the one a hub model takes.
 _D, _L, _H, _FF, _POS = 128, 3, 4, 512, 256
 TINY_LAYERS = _L
-_GPT = dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-_LLAMA = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, num_key_value_heads=2,
-              intermediate_size=_FF // 2, max_position_embeddings=_POS)
+_GPT = dict(
+    n_embd=_D, n_layer=_L, n_head=_H, n_inner=_FF, n_positions=_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
+_LLAMA = dict(
+    hidden_size=_D,
+    num_hidden_layers=_L,
+    num_attention_heads=_H,
+    num_key_value_heads=2,
+    intermediate_size=_FF // 2,
+    max_position_embeddings=_POS,
+)
 TINY_FAMILIES = {
     # the demo model: 16 heads of 8 dims. Judging "the input, sorted" needs many attention lookups (is each answer
     # letter in the prompt?): with 4 heads the reward model stalls near 0.9 pairwise accuracy, with 16 it passes
@@ -28,17 +35,41 @@ TINY_FAMILIES = {
     "gpt2": {**_GPT, "n_head": 16},
     "gptj": {**_GPT, "rotary_dim": 16},
     "codegen": {**_GPT, "rotary_dim": 16, "n_ctx": _POS},
-    "opt": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_dim=_FF,
-                max_position_embeddings=_POS, word_embed_proj_dim=_D // 2, dropout=0.0, attention_dropout=0.0),  # as opt-350m
+    "opt": dict(
+        hidden_size=_D,
+        num_hidden_layers=_L,
+        num_attention_heads=_H,
+        ffn_dim=_FF,
+        max_position_embeddings=_POS,
+        word_embed_proj_dim=_D // 2,
+        dropout=0.0,
+        attention_dropout=0.0,
+    ),  # as opt-350m
     "llama": _LLAMA,
     "mistral": {**_LLAMA, "sliding_window": None},
     "qwen2": _LLAMA,
-    "gpt_neox": dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_FF,
-                     max_position_embeddings=_POS, hidden_dropout=0.0, attention_dropout=0.0),
+    "gpt_neox": dict(
+        hidden_size=_D,
+        num_hidden_layers=_L,
+        num_attention_heads=_H,
+        intermediate_size=_FF,
+        max_position_embeddings=_POS,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
     "bloom": dict(hidden_size=_D, n_layer=_L, n_head=_H, hidden_dropout=0.0, attention_dropout=0.0),
-    "gpt_neo": dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_FF, max_position_embeddings=_POS,
-                    window_size=_POS, attention_types=[[["global", "local"], 1], [["global"], 1]],
-                    resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0),
+    "gpt_neo": dict(
+        hidden_size=_D,
+        num_layers=_L,
+        num_heads=_H,
+        intermediate_size=_FF,
+        max_position_embeddings=_POS,
+        window_size=_POS,
+        attention_types=[[["global", "local"], 1], [["global"], 1]],
+        resid_dropout=0.0,
+        embed_dropout=0.0,
+        attention_dropout=0.0,
+    ),
 }
 TINY_VERSION = 3
 
@@ -47,6 +78,7 @@ def byte_tokenizer():
     """Byte-level BPE with no merges: 256 byte tokens plus <|pad|> (0) and <|endoftext|> (1, EOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<|pad|>": 0, "<|endoftext|>": 1}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
         vocab[ch] = len(vocab)
@@ -77,10 +109,12 @@ def tiny_model_path(model_type):
 
 def _write_tiny_model(model_type, path):
     from transformers import AutoConfig, AutoModelForCausalLM
+
     tokenizer = byte_tokenizer()
     vocab = 8 * math.ceil(len(tokenizer) / 8)
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                                  **TINY_FAMILIES[model_type])
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1, **TINY_FAMILIES[model_type]
+    )
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -147,8 +181,12 @@ def sort_example(rng, items):
         demo = _swap(answer, len(answer) - 2)
     elif rng.random() < SORT_P_NOISE:
         demo = _swap(answer, rng.randrange(len(answer) - 1))
-    return {"prompt": "sort: " + " ".join(items), "chosen": " ".join(answer), "rejected": " ".join(_corrupt(rng, answer)),
-            "response": " ".join(demo)}
+    return {
+        "prompt": "sort: " + " ".join(items),
+        "chosen": " ".join(answer),
+        "rejected": " ".join(_corrupt(rng, answer)),
+        "response": " ".join(demo),
+    }
 
 
 def sort_examples(n, rng, exclude=frozenset(), unique=False):

@@ -1,8 +1,6 @@
-"""Shared plumbing, nothing of the algorithm: distributed setup and printing, argument checks, the DeepSpeed config,
-tokenizer and model loading (hub name, local folder or tiny:<model_type>), the reward model, LoRA, the optimizer,
-atomic saving of Hugging Face folders, EMA and the hybrid-engine toggle. DeepSpeed is imported lazily (it takes
-seconds), so `--help` and argument errors are instant.
-"""
+"""Shared plumbing, nothing of the algorithm: distributed setup, argument checks, the DeepSpeed config, model loading
+(hub name, folder or tiny:<type>) and the reward model, LoRA, the optimizer, atomic saving, checkpoints, EMA and the
+hybrid-engine toggle. DeepSpeed is imported lazily (it takes seconds): `--help` and argument errors are instant."""
 
 import contextlib
 import inspect
@@ -23,11 +21,10 @@ import builtin
 
 
 class UserError(Exception):
-    """Bad input: reported as one line naming the flag or file, never as a traceback."""
+    """Bad input: reported by run_cli as one line `error: <flag or file>: <what>` and exit status 2, no traceback."""
 
 
 def run_cli(main):
-    """Entry point wrapper: a UserError becomes `error: <message>` on stderr and exit status 2."""
     try:
         main()
     except UserError as e:
@@ -48,15 +45,9 @@ def print_rank0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def init_distributed():
-    """Join the process group of the `deepspeed` launcher, or make a world of one under plain `python stage.py`.
-    Returns this rank's torch device."""
+def init_distributed(seed):
+    """Join the `deepspeed` launcher's process group (or make a world of one under plain python) and seed every RNG;
+    returns this rank's device."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -65,12 +56,13 @@ def init_distributed():
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
-    on_cpu = acc.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else acc.communication_backend_name())
-    if on_cpu:
+    acc, local_rank = get_accelerator(), int(os.environ.get("LOCAL_RANK", 0))
+    deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name())
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if acc.device_name() == "cpu":
         return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc.set_device(local_rank)
     return torch.device(acc.device_name(local_rank))
 
@@ -80,8 +72,7 @@ def barrier():
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (counters, flags)."""
+def all_reduce_sum(values, device):  # a list of floats (sums, counters, flags) summed over ranks
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
@@ -89,8 +80,7 @@ def all_reduce_sum(values, device):
 
 
 def backward_step(engine, loss):
-    """engine.backward(loss), then engine.step(); unless the loss is NaN/inf on any rank: then every rank skips the
-    micro-batch (collectives stay in step), so it never reaches the weights. False tells the caller to count it."""
+    """backward + step, unless the loss is NaN/inf on any rank: then all skip it (collectives stay in step); False."""
     if all_reduce_sum([0.0 if torch.isfinite(loss.detach()).all() else 1.0], loss.device)[0] > 0:
         print_rank0("warning: non-finite loss; this micro-batch's update is skipped on every rank")
         return False
@@ -109,8 +99,7 @@ def check_zero_stage(stage, flag="--zero_stage", offload=False):
         raise UserError(f"--offload with {flag} 0: {why}")
 
 
-def check_dtype(dtype):
-    """--dtype auto -> bf16 on a GPU, fp32 on CPU; fp16 is refused without a GPU. Returns the dtype."""
+def check_dtype(dtype):  # auto -> bf16 on a GPU, fp32 on CPU; fp16 refused without a GPU
     if dtype == "auto":
         dtype = "bf16" if torch.cuda.is_available() else "fp32"
     if dtype == "fp16" and not torch.cuda.is_available():
@@ -119,32 +108,28 @@ def check_dtype(dtype):
 
 
 def check_at_least_one(args, *flags):
-    for flag in flags:
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag in (f for f in flags if getattr(args, f) < 1):
+        raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
 
 
 def check_output_dir(path):
-    """The folder can be created and written; the probe removes whatever it created."""
+    """The folder can be created and written; the probe removes whatever it created (deepest first)."""
     created, probe = [], os.path.abspath(path)
     while not os.path.exists(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
+        created, probe = created + [probe], os.path.dirname(probe)
     try:
         os.makedirs(path, exist_ok=True)
-        writable = os.access(path, os.W_OK)
+        if not os.access(path, os.W_OK):
+            raise UserError(f"--output_dir {path}: not writable")
     except OSError as e:
         raise UserError(f"--output_dir {path}: cannot be created ({e.strerror})") from None
     finally:
-        for folder in created:  # deepest first
+        for folder in created:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-    if not writable:
-        raise UserError(f"--output_dir {path}: not writable")
 
 
-def check_model_path(name, flag="--model_name_or_path"):
-    """A tiny:<type>, a folder with config.json, or a hub name that the Hub (or its cache) resolves."""
+def check_model_path(name, flag="--model_name_or_path"):  # tiny:<type>, a folder with config.json, or a hub name
     if name.startswith("tiny:"):
         if name[5:] not in builtin.TINY_FAMILIES:
             known = ", ".join("tiny:" + k for k in builtin.TINY_FAMILIES)
@@ -168,13 +153,11 @@ def check_model_path(name, flag="--model_name_or_path"):
 # DeepSpeed config (DeepSpeed-Chat's get_train_ds_config / get_eval_ds_config, trimmed).
 def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, tensorboard=None, train=True):
     zero = {"stage": stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7}
-    zero["stage3_prefetch_bucket_size"] = 3e7
-    zero["offload_param"] = {"device": "cpu" if offload and stage == 3 else "none"}
+    zero.update(stage3_prefetch_bucket_size=3e7, offload_param={"device": "cpu" if offload and stage == 3 else "none"})
     zero["offload_optimizer"] = {"device": "cpu" if offload and train and stage > 0 else "none"}
     cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum}
-    cfg["train_batch_size"] = micro_batch * grad_accum * world_size()
+    cfg.update(train_batch_size=micro_batch * grad_accum * world_size(), zero_optimization=zero)
     cfg["steps_per_print"] = 10**9  # we print our own line per step
-    cfg["zero_optimization"] = zero
     cfg["zero_allow_untested_optimizer"] = True  # plain torch AdamW on CPU
     cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale_window": 100}
     cfg.update(bf16={"enabled": dtype == "bf16"}, gradient_clipping=clip, wall_clock_breakdown=False)
@@ -185,8 +168,7 @@ def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading: a hub name, a local folder, or tiny:<model_type> (builtin.py).
-def tiny_cache_dir():  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
-    return builtin.cache_dir()
+tiny_cache_dir = builtin.cache_dir  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
 
 
 def resolve_model(name):
@@ -194,8 +176,7 @@ def resolve_model(name):
 
 
 def load_tokenizer(name, flag="--model_name_or_path"):
-    """The model's tokenizer with a PAD distinct from EOS (added when missing), so padding never hides the end of a
-    response."""
+    """The model's tokenizer with a PAD distinct from EOS (added if missing): padding never hides a response's end."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
@@ -212,9 +193,7 @@ _DROPOUT_KEYS = (_DROPOUT_KEYS + " resid_dropout embed_dropout summary_first_dro
 
 
 def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None):
-    """A transformers model in fp32 (DeepSpeed casts it), embeddings resized to the tokenizer, every dropout of the
-    config set to `dropout` (None keeps the model's own). Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained
-    shard the parameters as they load."""
+    """fp32 model (DeepSpeed casts it), embeddings fit to the tokenizer, dropouts set; ZeRO-3 shards it as it loads."""
     import transformers
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -234,8 +213,7 @@ def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None,
     return model
 
 
-def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):
-    """`max_seq_len`, capped at the model's number of positions (with a note when it is)."""
+def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):  # capped at the model's positions, with a note
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolve_model(name))
@@ -250,16 +228,14 @@ def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):
 # ----------------------------------------------------------------------------------------------------------------------
 # The reward model (step 2; step 3's reward model and critic): a backbone + v_head, read at the last real token.
 def position_inputs(model, attention_mask):
-    """position_ids counted over real tokens (as `generate` does), for models that take them, so a left-padded
-    sequence gets the same values as the same sequence right-padded."""
+    """position_ids counted over real tokens (as `generate` does): left padding changes nothing. {} if not taken."""
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return {}  # e.g. BLOOM: ALiBi reads the attention mask itself
     return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
 
 
-def last_token_index(attention_mask):
-    """Position of the last real token of each row: [B, T] -> [B]. Right for left and right padding and for
-    BOS == PAD (it reads the mask, never token ids). Where the reward model reads its score."""
+def last_token_index(attention_mask):  # [B, T] -> [B]; from the mask, never token ids: any padding side, BOS == PAD
+    """Where the reward model reads its score: the last real token of each row."""
     return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
 
 
@@ -279,8 +255,7 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        """Per-token values [B, T] in fp32."""
+    def forward(self, input_ids, attention_mask):  # per-token values [B, T], fp32
         pos = position_inputs(self.backbone, attention_mask)
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pos).last_hidden_state
         return self.v_head(h).squeeze(-1).float()  # [B, T, H] -> [B, T]
@@ -290,8 +265,7 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
-    """A RewardModel from a step-2 folder (v_head and score statistics restored) or from any causal LM (fresh
-    v_head). Returns (model, {"score_mean", "score_std"} or None)."""
+    """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head."""
     from safetensors import safe_open
     from transformers.utils import logging as hf_logging
 
@@ -321,7 +295,7 @@ def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
         model.backbone.config.architectures = [type(model.backbone).__name__]
         for k, v in (stats or {}).items():
             setattr(model.backbone.config, k, v)
-    save_hf(model.backbone, tokenizer, output_dir, json_files=json_files, state_dict=sd)
+    save_hf(model.backbone, tokenizer, output_dir, json_files, sd, gathered=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,8 +314,7 @@ class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid en
         self.lora_scaling = lora_scaling / lora_dim
         self.fuse_lora = False
 
-    def delta(self):
-        """The fused update in the weight's own layout."""
+    def delta(self):  # the update in the weight's own layout
         d = self.lora_scaling * (self.lora_right_weight @ self.lora_left_weight)  # [in, out]
         return d if self.transposed else d.t()
 
@@ -362,8 +335,7 @@ class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid en
         return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
 
 
-def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):
-    """Replace every nn.Linear / Conv1D whose name contains `module_name` by a LoRA layer."""
+def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):  # nn.Linear/Conv1D named *module_name*
     from transformers.pytorch_utils import Conv1D
 
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
@@ -374,20 +346,17 @@ def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):
         layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
         setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
     print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} match {module_name!r}, dim {lora_dim}")
-    return model
 
 
 def only_optimize_lora(model):
     for name, p in model.named_parameters():
         p.requires_grad = "lora_right_weight" in name or "lora_left_weight" in name
-    return model
 
 
-def default_lora_module(model):
-    """The family's decoder-layer prefix: "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or "h." (GPT-2, GPT-J,
-    GPT-Neo, BLOOM, CodeGen)."""
-    names = [n for n, _ in model.named_modules()]
-    return "layers." if any(".layers." in n or n.startswith("layers.") for n in names) else "h."
+def default_lora_module(
+    model,
+):  # "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or "h." (GPT-2, -J, -Neo, BLOOM, ...)
+    return "layers." if any(".layers." in f".{n}" for n, _ in model.named_modules()) else "h."
 
 
 _NO_DECAY = "bias layer_norm.weight layernorm.weight norm.weight ln_f.weight ln_1.weight ln_2.weight ln_attn.weight"
@@ -395,17 +364,14 @@ _NO_DECAY = (_NO_DECAY + " ln_mlp.weight norm_1.weight norm_2.weight").split()
 
 
 def make_optimizer(model, lr, weight_decay, lora_lr=None, offload=False):
-    """AdamW (betas 0.9/0.95 as DeepSpeed-Chat) with no decay on biases and norms and LoRA's own lr; DeepSpeedCPUAdam
-    when the optimizer state is offloaded (DeepSpeed requires it)."""
+    """AdamW (betas 0.9/0.95, DeepSpeed-Chat's), no decay on biases/norms, LoRA's own lr; CPU Adam when offloaded."""
     groups = {"decay": [], "no_decay": [], "lora": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = "lora" if "lora_" in name else ("no_decay" if any(k in name for k in _NO_DECAY) else "decay")
-            groups[key].append(p)
-    param_groups = [{"params": groups["decay"], "weight_decay": weight_decay}]
-    param_groups += [{"params": groups["no_decay"], "weight_decay": 0.0}]
-    param_groups += [{"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr}]
-    param_groups = [g for g in param_groups if g["params"]]
+    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        groups["lora" if "lora_" in name else "no_decay" if any(k in name for k in _NO_DECAY) else "decay"].append(p)
+    param_groups = [{"params": groups["decay"], "weight_decay": weight_decay}, {"params": groups["no_decay"]}]
+    param_groups = [g for g in param_groups + [{"params": groups["lora"], "lr": lora_lr or lr}] if g["params"]]
+    for g in param_groups:
+        g.setdefault("weight_decay", 0.0)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -417,8 +383,7 @@ def make_optimizer(model, lr, weight_decay, lora_lr=None, offload=False):
 # Saving: full (ZeRO-3-gathered) weights with LoRA fused into plain HF layers, written beside the target and renamed
 # into place, so a crash never leaves a half-written folder where a good one was.
 def gather_params(model):
-    """{name: CPU tensor} of every parameter on rank 0 (None elsewhere), ZeRO-3 shards gathered one parameter at a
-    time. Collective under ZeRO-3: call on every rank."""
+    """{name: CPU tensor} on rank 0 (None elsewhere), ZeRO-3 shards gathered one at a time; collective under ZeRO-3."""
     import deepspeed
 
     sd = {}
@@ -430,8 +395,7 @@ def gather_params(model):
 
 
 def state_dict_from(model, params):
-    """A saveable state dict from gathered `params`: persistent buffers added, each LoRA update folded into its base
-    weight (plain HF keys out)."""
+    """A saveable state dict from gathered `params`: persistent buffers added, LoRA folded into plain HF weights."""
     keys = set(model.state_dict().keys())
     sd = {**params, **{n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys}}
     for mname, m in model.named_modules():
@@ -444,42 +408,38 @@ def state_dict_from(model, params):
     return sd
 
 
-def full_state_dict(model):
-    """The complete state dict on rank 0 (None elsewhere): ZeRO-3 gathered, LoRA fused. Collective under ZeRO-3."""
+def full_state_dict(model):  # on rank 0 (None elsewhere), ZeRO-3 gathered, LoRA fused; collective under ZeRO-3
     params = gather_params(model)
     return None if params is None else state_dict_from(model, params)
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    """`obj` as JSON, or a list as JSON lines for a .jsonl path; rank 0 writes it beside, then renames it."""
+    if rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
+            lines = path.endswith(".jsonl")
+            f.write("".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=2, default=str))
+        os.replace(f"{path}.tmp", path)
 
 
 def publish_dir(tmp, output_dir):
-    """Move the finished folder `tmp` to `output_dir`, carrying over files already there (logs) that the new folder
-    does not replace. The old folder stays complete until the final rename."""
-    if not os.path.isdir(output_dir):
-        os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-        return os.replace(tmp, output_dir)
-    for entry in os.listdir(output_dir):
+    """Rename `tmp` to `output_dir`, carrying over files (logs) it lacks; the old folder is whole until the rename."""
+    old, exists = f"{output_dir}.old{os.getpid()}", os.path.isdir(output_dir)
+    for entry in os.listdir(output_dir) if exists else []:
         if not os.path.exists(os.path.join(tmp, entry)):
             os.replace(os.path.join(output_dir, entry), os.path.join(tmp, entry))
-    old = f"{output_dir}.old{os.getpid()}"
-    os.replace(output_dir, old)
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    if exists:
+        os.replace(output_dir, old)
     os.replace(tmp, output_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 
-_GATHER = object()
-
-
-def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=_GATHER):
-    """Save `model` (a transformers PreTrainedModel, maybe with LoRA / under ZeRO-3) as a Hugging Face folder plus
-    json files (args.json, metrics.json, ...). Collective: call on every rank. A caller that gathered the weights
-    itself passes them as `state_dict` (None on ranks other than 0)."""
-    sd = full_state_dict(model) if state_dict is _GATHER else state_dict
+def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, gathered=False):
+    """A Hugging Face folder (ZeRO-3 gathered, LoRA fused; or the caller's gathered `state_dict`, None off rank 0) plus
+    json files (args.json, ...). Collective: call on every rank."""
+    sd = state_dict if gathered else full_state_dict(model)
     if rank() == 0:
         tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -491,35 +451,64 @@ def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=_GATHER):
     barrier()
 
 
-class EMA:
-    """Exponential moving average of a model's parameters, in fp32 on rank 0's CPU (DeepSpeed-Chat's --enable_ema,
-    beta 0.992). Collective under ZeRO-3: call on every rank."""
+# Resumable checkpoints: written beside, renamed, then `latest` moved on, so a crash never leaves a half-written one.
+def latest_checkpoint(root):
+    pointer = os.path.join(root, "latest")
+    path = os.path.join(root, open(pointer).read().strip()) if os.path.isfile(pointer) else ""
+    return path if os.path.isdir(path) else None
 
-    def __init__(self, module, beta=0.992):
-        self.beta = beta
-        params = gather_params(module)
-        self.shadow = None if params is None else {k: v.float() for k, v in params.items()}
 
-    def update(self, module):
-        for k, v in (gather_params(module) or {}).items():
-            self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
+def save_checkpoint(root, step, engines, state, ema=None):
+    """After `step`: each engine (weights, optimizer, scheduler) under its tag, each rank's RNG, EMA, `state` (json)."""
+    name, tmp = f"step_{step}", os.path.join(root, f".tmp_step_{step}")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    for tag, engine in engines.items():
+        engine.save_checkpoint(tmp, tag=tag)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    rng.update({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank()}.pt"))
+    if ema is not None and rank() == 0:
+        torch.save(ema.shadow, os.path.join(tmp, "ema.pt"))
+    barrier()
+    if rank() == 0:
+        write_json(os.path.join(tmp, "state.json"), {**state, "step": step})
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crash before `latest` moved on
+        os.replace(tmp, os.path.join(root, name))
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        for old in (d for d in os.listdir(root) if d.startswith("step_") and d != name):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier()
 
-    def state_dict(self, module):
-        """Saveable weights (rank 0; None elsewhere), cast back to the model's dtypes, LoRA fused."""
-        if self.shadow is None:
-            return None
-        dtypes = {n: p.dtype for n, p in module.named_parameters()}
-        return state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
+
+def load_checkpoint(root, engines, ema=None):  # the latest save_checkpoint into engines, EMA, RNG; returns its state
+    path = latest_checkpoint(root)
+    for tag, engine in engines.items():
+        engine.load_checkpoint(path, tag=tag)
+    state = json.load(open(os.path.join(path, "state.json")))
+    rng = torch.load(os.path.join(path, f"rng_rank{rank()}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if ema is not None and ema.shadow is not None:
+        ema.shadow = torch.load(os.path.join(path, "ema.pt"))
+    print_rank0(f"resumed from {path} after step {state['step']}")
+    return state
 
 
 class CSVLog:
-    """Append-only per-step metrics (step, name, value rows) that plots and any tool can read."""
+    """Per-step metrics as `step,name,value` rows (plots and any tool read them); rank 0 writes, a resume appends."""
 
     def __init__(self, path, append=False):
         self.path = path if rank() == 0 else None
-        if self.path and not (append and os.path.exists(self.path)):
+        if self.path and not (append and os.path.exists(path)):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(self.path, "w") as f:
+            with open(path, "w") as f:
                 f.write("step,name,value\n")
 
     def write(self, step, metrics):
@@ -533,14 +522,7 @@ class CSVLog:
 # kernels for generation; it needs a CUDA GPU and a DeepSpeed policy for the model (there is none for OPT under
 # transformers 5, where its generate fails). Where it cannot run we fall back, with one warning, to gathering ZeRO-3
 # parameters once per rollout and calling generate on the plain module.
-def hybrid_engine_config(max_out_tokens, inference_tp_size, release_inference_cache, pin_parameters, tp_gather_size):
-    return {"enabled": True, "max_out_tokens": max_out_tokens, "inference_tp_size": inference_tp_size,
-            "release_inference_cache": release_inference_cache, "pin_parameters": pin_parameters,
-            "tp_gather_partition_size": tp_gather_size}  # fmt: skip
-
-
-def probe_hybrid_engine(engine, tokenizer, device):
-    """True when `engine` (built with the hybrid engine) generates; else warns once and returns False."""
+def probe_hybrid_engine(engine, tokenizer, device):  # True if the hybrid engine generates; else one warning
     try:
         ids = torch.tensor([[tokenizer.eos_token_id] * 2], device=device)
         engine.eval()
@@ -555,9 +537,7 @@ def probe_hybrid_engine(engine, tokenizer, device):
 
 @contextlib.contextmanager
 def generation_model(engine, hybrid, zero3):
-    """What to call .generate on for one rollout: the hybrid engine itself; or, under ZeRO-3, the module with all its
-    parameters gathered once and ZeRO's per-module hooks removed (not one all-gather per layer per token); or the
-    plain module."""
+    """The hybrid engine; or under ZeRO-3 the module gathered once per rollout, hooks removed; else the plain module."""
     if hybrid:
         yield engine
     elif zero3:

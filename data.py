@@ -10,6 +10,7 @@ Conventions (used by sft.py, reward.py and ppo.py):
   is taken. Training batches are right-padded, generation prompts left-padded; common.last_token_index
   works for both.
 """
+
 import collections
 import hashlib
 import json
@@ -70,7 +71,7 @@ def make_row(prompt, chosen, rejected=None):
         return None
     chosen = " " + chosen.strip()
     rejected = " " + rejected.strip() if rejected and rejected.strip() else None
-    return {"prompt": render_prompt(messages), "messages": messages, "chosen": chosen, "rejected": rejected, "response": chosen}
+    return dict(prompt=render_prompt(messages), messages=messages, chosen=chosen, rejected=rejected, response=chosen)
 
 
 def check_same_template(chat_template, models):
@@ -83,7 +84,8 @@ def check_same_template(chat_template, models):
         except (OSError, ValueError):
             continue  # not one of our outputs: nothing recorded
         if used != chat_template:
-            raise UserError(f"--chat_template: {flag} {path} was trained {'with' if used else 'without'} it; use the same setting here")
+            how = "with" if used else "without"
+            raise UserError(f"--chat_template: {flag} {path} was trained {how} it; use the same setting here")
 
 
 def apply_chat_template(rows, tokenizer):
@@ -91,17 +93,17 @@ def apply_chat_template(rows, tokenizer):
     header, responses lose their leading space. A BOS written by the template is removed when the
     tokenizer adds one itself, so it is never doubled."""
     if not tokenizer.chat_template:
-        raise UserError(f"--chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template "
-                        f"(drop the flag to use {PROMPT_TEMPLATE!r})")
+        why = f"has no chat template (drop the flag to use {PROMPT_TEMPLATE!r})"
+        raise UserError(f"--chat_template: the tokenizer of {tokenizer.name_or_path} {why}")
     bos = tokenizer.bos_token
     adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
-    strip = lambda t: None if t is None else t.strip()  # noqa: E731
+    strip = lambda t: None if t is None else t.strip()
     out = []
     for r in rows:
         prompt = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         if adds_bos and prompt.startswith(bos):
-            prompt = prompt[len(bos):]
-        out.append({**r, "prompt": prompt, "chosen": strip(r["chosen"]), "rejected": strip(r["rejected"]), "response": strip(r["response"])})
+            prompt = prompt[len(bos) :]
+        out.append({**r, "prompt": prompt, **{k: strip(r[k]) for k in ("chosen", "rejected", "response")}})
     return out
 
 
@@ -123,6 +125,10 @@ def _triple(x):  # prompt, chosen, rejected columns as they are
 
 def _after_assistant(text):  # yitingxie: responses carry the final "Assistant:" header
     return text.split("Assistant:")[-1]
+
+
+def _yitingxie(x):  # the prompt lacks its final "Assistant:", which the responses carry
+    return x["prompt"] + "Assistant:", _after_assistant(x["chosen"]), _after_assistant(x["rejected"])
 
 
 def _uncite(text):  # WebGPT answers cite their browsing quotes as [1], [2, 3]: meaningless without them
@@ -161,8 +167,12 @@ def _miracl(x):
 
 
 def _sort():  # builtin:sort keeps its imperfect demonstrations as the step-1 responses
-    rows = lambda xs: [{**make_row(x["prompt"], x["chosen"], x["rejected"]), "response": " " + x["response"]} for x in xs]  # noqa: E731
-    return {part: rows(xs) for part, xs in builtin.sort_dataset().items()}
+    row = lambda x: {**make_row(x["prompt"], x["chosen"], x["rejected"]), "response": " " + x["response"]}
+    return {part: [row(x) for x in xs] for part, xs in builtin.sort_dataset().items()}
+
+
+def _hc3(x):
+    return x["question"], _first(x["human_answers"]), None
 
 
 def _file(x):  # generic files: prompt with chosen (+ rejected) or response
@@ -170,31 +180,28 @@ def _file(x):  # generic files: prompt with chosen (+ rejected) or response
 
 
 MKQA = "hf://datasets/apple/mkqa@~parquet/mkqa/train/*.parquet"
+WEB = {"train": "hf://datasets/openai/webgpt_comparisons@~parquet/default/train/*.parquet"}  # its parquet export
+QG = {"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}  # lmqg's files
 SOURCES = {
     "builtin:sort": Source((), None, check=builtin.sort_check, load=_sort, kind=builtin.sort_error_kind),
     "Dahoas/rm-static": Source(("prompt", "chosen", "rejected"), _triple),
     "Dahoas/full-hh-rlhf": Source(("prompt", "chosen", "rejected"), _triple),
     "Dahoas/synthetic-instruct-gptj-pairwise": Source(("prompt", "chosen", "rejected"), _triple),
-    "yitingxie/rlhf-reward-datasets": Source(("prompt", "chosen", "rejected"), lambda x: (
-        x["prompt"] + "Assistant:", _after_assistant(x["chosen"]), _after_assistant(x["rejected"]))),
-    "openai/webgpt_comparisons": Source(("question", "answer_0", "answer_1", "score_0", "score_1"), _webgpt,
-                                        hub={"train": "hf://datasets/openai/webgpt_comparisons@~parquet/default/train/*.parquet"}),
+    "yitingxie/rlhf-reward-datasets": Source(("prompt", "chosen", "rejected"), _yitingxie),
+    "openai/webgpt_comparisons": Source(("question", "answer_0", "answer_1", "score_0", "score_1"), _webgpt, hub=WEB),
     "stanfordnlp/SHP": Source(("history", "human_ref_A", "human_ref_B", "labels"), _shp),
     "pvduy/sharegpt_alpaca_oa_vicuna_format": Source(("prompt", "label"), lambda x: (x["prompt"], x["label"], None)),
     "wangrui6/Zhihu-KOL": Source(("INSTRUCTION", "RESPONSE"), lambda x: (x["INSTRUCTION"], x["RESPONSE"], None)),
     "Cohere/miracl-zh-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
     "Cohere/miracl-ja-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
-    "Hello-SimpleAI/HC3-Chinese": Source(("question", "human_answers"), lambda x: (x["question"], _first(x["human_answers"]), None),
-                                         files={"train": "all.jsonl"}),
+    "Hello-SimpleAI/HC3-Chinese": Source(("question", "human_answers"), _hc3, {"train": "all.jsonl"}),
     "mkqa-Chinese": Source(("queries", "answers"), _mkqa("zh_cn"), hub={"train": MKQA}),
     "mkqa-Japanese": Source(("queries", "answers"), _mkqa("ja"), hub={"train": MKQA}),
-    "lmqg/qg_jaquad": Source(("question", "sentence"), lambda x: (x["question"], x["sentence"], None),
-                             files={"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}),
-    "lmqg/qag_jaquad": Source(("questions", "paragraph"), lambda x: (_first(x["questions"]), x["paragraph"], None),
-                              files={"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}),
+    "lmqg/qg_jaquad": Source(("question", "sentence"), lambda x: (x["question"], x["sentence"], None), files=QG),
+    "lmqg/qag_jaquad": Source(("questions", "paragraph"), lambda x: (_first(x["questions"]), x["paragraph"], None), QG),
     # DeepSpeed-Chat's own: data/train.json and data/eval.json in the working directory
     "local/jsonfile": Source(("prompt", "chosen"), _file, files={"train": "data/train.json", "eval": "data/eval.json"}),
-    "Anthropic/hh-rlhf": Source(("chosen", "rejected"), _hh, files={"train": "*/train.jsonl.gz", "test": "*/test.jsonl.gz"}),
+    "Anthropic/hh-rlhf": Source(("chosen", "rejected"), _hh, {"train": "*/train.jsonl.gz", "test": "*/test.jsonl.gz"}),
     FILE_SOURCE: Source(("prompt", "chosen|response"), _file),
 }
 
@@ -211,7 +218,9 @@ def resolve_source(path):
         if norm.endswith(os.sep + os.path.normpath(key)) and os.path.isdir(norm):
             return key
     known = ", ".join(k for k in SOURCES if k != FILE_SOURCE)
-    raise UserError(f"--data_path {path}: unknown dataset (known: {known}; or a local folder ending in one of them, or a {'/'.join(DATA_EXTENSIONS)} file)")
+    files = "/".join(DATA_EXTENSIONS)
+    or_else = f"or a local folder ending in one of them, or a {files} file"
+    raise UserError(f"--data_path {path}: unknown dataset (known: {known}; {or_else})")
 
 
 def checker_for(paths):
@@ -221,7 +230,7 @@ def checker_for(paths):
 
 
 def error_kind_for(paths):
-    """The sources' classifier of rejected answers, (prompt, chosen, rejected) -> kind, shared by all of them, or None."""
+    """The sources' shared classifier of rejected answers, (prompt, chosen, rejected) -> kind, or None."""
     kinds = {SOURCES[resolve_source(p)].kind for p in paths}
     return kinds.pop() if len(kinds) == 1 else None
 
@@ -231,6 +240,7 @@ def _load_dataset(path, key, src):
     working directory, or the hub. Named files load one split at a time, so each split's columns are
     checked, and named, on their own."""
     import datasets
+
     datasets.disable_progress_bars()
     local = key in ("local/jsonfile", FILE_SOURCE) or os.path.isdir(path)
     files = {"train": path} if key == FILE_SOURCE else src.files if local else src.hub or src.files
@@ -240,7 +250,7 @@ def _load_dataset(path, key, src):
         files = {s: os.path.join("." if key == "local/jsonfile" else path, f) for s, f in files.items()}
     try:
         if files:
-            builder = lambda f: "parquet" if f.endswith(".parquet") else "json"  # noqa: E731
+            builder = lambda f: "parquet" if f.endswith(".parquet") else "json"
             return {s: datasets.load_dataset(builder(f), data_files={s: f}, split=s) for s, f in files.items()}, files
         return dict(datasets.load_dataset(path)), {}
     except FileNotFoundError as e:
@@ -248,15 +258,18 @@ def _load_dataset(path, key, src):
     except RuntimeError as e:  # "Dataset scripts are no longer supported": a script-only hub repository
         if "scripts are no longer supported" not in str(e):
             raise
-        raise UserError(f"--data_path {path}: {e}; download its parquet export (revision refs/convert/parquet) and pass that folder") from None
+        hint = "download its parquet export (revision refs/convert/parquet) and pass that folder"
+        raise UserError(f"--data_path {path}: {e}; {hint}") from None
     except datasets.exceptions.DatasetGenerationError as e:
         cause = str(e.__cause__ or e).splitlines()[0]
         raise UserError(f"--data_path {path}: cannot read its files ({cause})") from None
     except (ConnectionError, OSError) as e:
         if local:
             raise UserError(f"--data_path {path}: could not read it as a dataset ({type(e).__name__}: {e})") from None
-        raise UserError(f"--data_path {path}: not found locally and the Hugging Face Hub is unreachable; "
-                        f"download the dataset repository and pass its folder, e.g. /data/{key}") from None
+        hint = f"download the dataset repository and pass its folder, e.g. /data/{key}"
+        raise UserError(
+            f"--data_path {path}: not found locally and the Hugging Face Hub is unreachable; {hint}"
+        ) from None
 
 
 def _splits(ds, path):
@@ -357,14 +370,14 @@ def encode_prompt(tokenizer, prompt, max_len):
 def pad(seqs, value, left=False):
     """[B, T] tensor of lists padded to the longest; left padding for generation prompts."""
     width = max(len(s) for s in seqs)
-    fill = lambda s: [value] * (width - len(s)) + list(s) if left else list(s) + [value] * (width - len(s))  # noqa: E731
+    fill = lambda s: [value] * (width - len(s)) + list(s) if left else list(s) + [value] * (width - len(s))
     return torch.tensor([fill(s) for s in seqs], dtype=torch.long)
 
 
 def collate_sft(batch, pad_id):
     ids = [b["input_ids"] for b in batch]
-    return {"input_ids": pad(ids, pad_id), "labels": pad([b["labels"] for b in batch], IGNORE_INDEX),
-            "attention_mask": pad([[1] * len(s) for s in ids], 0)}
+    labels = pad([b["labels"] for b in batch], IGNORE_INDEX)
+    return {"input_ids": pad(ids, pad_id), "labels": labels, "attention_mask": pad([[1] * len(s) for s in ids], 0)}
 
 
 def collate_pairs(batch, pad_id):
@@ -377,21 +390,22 @@ def collate_pairs(batch, pad_id):
     return out
 
 
-def collate_prompts(batch, pad_id):
-    ids = [b["prompt_ids"] for b in batch]
-    return {"input_ids": pad(ids, pad_id, left=True), "attention_mask": pad([[1] * len(s) for s in ids], 0, left=True)}
+def collate_prompts(prompts, pad_id):
+    """Token-id lists of prompts as one left-padded batch for generation: [B, Tq]."""
+    return {"input_ids": pad(prompts, pad_id, True), "attention_mask": pad([[1] * len(s) for s in prompts], 0, True)}
 
 
 # --------------------------------------------------------------------------------------------
 # Step 3's inputs: prompts, and text for the PPO-ptx language-model loss.
 def build_prompts(args, tokenizer):
-    """Phase-3 (train, eval), each (prompt token ids, prompt texts, reference answers); prompts over
-    --max_prompt_seq_len are dropped."""
+    """Phase-3 prompts, (train, eval), each {"ids": token ids, "texts": rendered prompts, "references": reference
+    answers, "instructions": the last user turn as written}; prompts over --max_prompt_seq_len are dropped."""
     flag = "--max_prompt_seq_len + --max_answer_seq_len"
     limit = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, flag) - args.max_answer_seq_len
     if limit < 1:
-        raise UserError(f"--max_answer_seq_len {args.max_answer_seq_len}: leaves no room for a prompt in the model's positions")
-    rows = phase_rows(args.data_path, args.split, 3, args.seed, chat_tokenizer=tokenizer if args.chat_template else None)
+        raise UserError(f"--max_answer_seq_len {args.max_answer_seq_len}: leaves no room for a prompt in the model")
+    chat = tokenizer if args.chat_template else None
+    rows = phase_rows(args.data_path, args.split, 3, args.seed, chat_tokenizer=chat)
     out = {}
     for part, part_rows in rows.items():
         ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
@@ -399,9 +413,13 @@ def build_prompts(args, tokenizer):
         if len(keep) < len(ids):
             print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than {limit} tokens")
         if not keep:
-            raise UserError(f"--max_prompt_seq_len {args.max_prompt_seq_len}: no {part} prompt of --data_path {' '.join(args.data_path)} "
-                            f"fits in {limit} tokens")
-        out[part] = ([ids[i] for i in keep], [part_rows[i]["prompt"] for i in keep], [part_rows[i]["chosen"] for i in keep])
+            what = f"no {part} prompt of --data_path {' '.join(args.data_path)} fits in {limit} tokens"
+            raise UserError(f"--max_prompt_seq_len {args.max_prompt_seq_len}: {what}")
+        kept = [part_rows[i] for i in keep]
+        out[part] = {"ids": [ids[i] for i in keep], "texts": [r["prompt"] for r in kept]}
+        out[part].update(
+            references=[r["chosen"] for r in kept], instructions=[r["messages"][-1]["content"] for r in kept]
+        )
     return out["train"], out["eval"]
 
 
@@ -414,27 +432,30 @@ def build_ptx(args, tokenizer):
     except UserError:
         key = None
     if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
-        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed, chat_tokenizer=tokenizer if args.chat_template else None)["train"]]
+        chat = tokenizer if args.chat_template else None
+        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed, False, chat)["train"]]
     else:
         import datasets
+
         try:
             texts = datasets.load_dataset(name, args.unsupervised_dataset_config_name, split="train")["text"]
-        except Exception as e:  # noqa: BLE001 -- any loading failure is a bad flag value
-            raise UserError(f"--unsupervised_dataset_name {name}: cannot load ({type(e).__name__}: {str(e)[:120]})") from None
+        except Exception as e:  # any loading failure is a bad flag value
+            why = f"{type(e).__name__}: {str(e)[:120]}"
+            raise UserError(f"--unsupervised_dataset_name {name}: cannot load ({why})") from None
     ids = []
     for t in texts:
         ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n = len(ids) // block
     if n == 0:
         raise UserError(f"--unsupervised_dataset_name {name}: fewer than {block} tokens of text")
-    return torch.tensor(ids[:n * block]).view(n, block)
+    return torch.tensor(ids[: n * block]).view(n, block)
 
 
 # --------------------------------------------------------------------------------------------
 # Responses and sharding: shared by evaluation and PPO.
 def cut_at_eos(tokens, eos_id):
     """Token list up to (not including) the first EOS."""
-    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
 def rank_batches(n, batch_size):
@@ -443,7 +464,7 @@ def rank_batches(n, batch_size):
     nothing left gets [] (callers run a dummy item and drop its result)."""
     mine = list(range(rank(), n, world_size()))
     calls = math.ceil(math.ceil(n / world_size()) / batch_size)
-    return [mine[c * batch_size:(c + 1) * batch_size] for c in range(calls)]
+    return [mine[c * batch_size : (c + 1) * batch_size] for c in range(calls)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,9 +475,9 @@ def cache_key(rows, tokenizer, **settings):
     for part in sorted(rows):
         for r in rows[part]:
             h.update(json.dumps(r, sort_keys=True).encode())
-    h.update(json.dumps({"tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer), "eos": tokenizer.eos_token_id,
-                         "pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "template": PROMPT_TEMPLATE,
-                         "version": CACHE_VERSION, "settings": settings}, sort_keys=True, default=str).encode())
+    ids = {"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id}
+    key = {"tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer), **ids, "template": PROMPT_TEMPLATE}
+    h.update(json.dumps({**key, "version": CACHE_VERSION, "settings": settings}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -464,6 +485,7 @@ def build_cached(name, rows, tokenizer, cache_dir, encode, **settings):
     """{"train": Dataset, "eval": Dataset} of encode(row) for every row, from cache_dir/<name>-<key>;
     rank 0 builds it while the other ranks wait, then all read it."""
     import datasets
+
     folder = os.path.join(cache_dir, f"{name}-{cache_key(rows, tokenizer, **settings)}")
     if rank() == 0 and not os.path.isdir(folder):
         tmp = f"{folder}.tmp{os.getpid()}"

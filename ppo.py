@@ -1,35 +1,24 @@
 """Step 3: PPO with four models: actor (trained), reference (a frozen copy of the actor), critic (trained, initialised
 from the reward model) and reward model (frozen), as in InstructGPT sec. 3.5 and Ziegler et al. 2019, with
-DeepSpeed-Chat's flags and API (RLHFEngine, PPOTrainer).
+DeepSpeed-Chat's flags and API (RLHFEngine, PPOTrainer); or critic-free estimators and programmatic rewards.
 
-    # tiny CPU smoke run on the built-in demo, from the step-1 and step-2 outputs
-    python ppo.py --actor output/step1_sft --reward output/step2_reward --output_dir output/step3_ppo
-    # 1 GPU
-    deepspeed --num_gpus 1 ppo.py --actor out/sft --reward out/reward --data_path Dahoas/rm-static --dtype bf16 \
-        --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --max_answer_seq_len 256 --enable_hybrid_engine \
-        --output_dir out/ppo
-    # 8 GPUs, actor ZeRO-3, critic ZeRO-2
-    deepspeed --num_gpus 8 ppo.py --actor out/sft --reward out/reward --actor_zero_stage 3 --critic_zero_stage 2 ...
+    python ppo.py --actor output/step1_sft --reward output/step2_reward --output_dir output/step3_ppo      # the demo
+    python ppo.py --actor output/step1_sft --reward_fn checker --advantage_estimator grpo --n_samples_per_prompt 4 ...
+    deepspeed --num_gpus 8 ppo.py --actor out/sft --reward out/reward --actor_zero_stage 3 --enable_hybrid_engine ...
 
-Batch hierarchy, per rank (global = per rank x ranks):
-    rollout     = per_device_generation_batch_size x generation_batches prompts, one sampled response each
-    micro-batch = per_device_training_batch_size sequences of the rollout
-    an optimizer step every gradient_accumulation_steps micro-batches; ppo_epochs passes over each rollout
-    one "step" = one rollout and the PPO epochs on it
+Batch hierarchy, per rank (global = per rank x ranks): a rollout is per_device_generation_batch_size x
+generation_batches prompts, n_samples_per_prompt sampled responses each; it is trained on for ppo_epochs passes in
+micro-batches of per_device_training_batch_size sequences, an optimizer step every gradient_accumulation_steps
+micro-batches. One "step" is one rollout and the PPO epochs on it.
 
-Tensor names (B sequences, Tq query tokens left-padded, Tr response tokens, V vocabulary):
-    query [B, Tq], response [B, Tr], mask [B, Tr] (1 up to and including the first EOS),
-    logprobs / ref_logprobs / values / rewards / advantages / returns [B, Tr], scores [B].
-
-Reading order: arguments; ALGO LOGIC (the formulas, the trainer, the loop in main); then plumbing (engines, EMA,
-evaluation, checkpoints). A copier changes the ALGO LOGIC section.
+Tensors (B sequences, Tq query tokens left-padded, Tr response tokens, V vocabulary): query [B, Tq], response [B, Tr],
+mask [B, Tr] (1 up to and including the first EOS), logprobs, ref_logprobs, values, rewards, advantages, returns
+[B, Tr], scores [B]. Reading order: arguments, ALGO LOGIC (formulas, trainer, the loop in main), plumbing.
 """
 
 import argparse
-import json
+import importlib.util
 import os
-import random
-import shutil
 import time
 
 import torch
@@ -39,11 +28,18 @@ import common
 import data
 from common import UserError, print_rank0
 
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean"}  # and its loss mode
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Step 3: PPO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- PPO: the algorithm's knobs
     g = p.add_argument_group("PPO").add_argument
+    g("--advantage_estimator", default="gae", choices=ESTIMATORS, help="gae uses the critic; the rest are critic-free")
+    g("--n_samples_per_prompt", type=int, default=1, help="responses per prompt, a group (>= 2 for grpo, rloo)")
+    g("--reward_fn", default=None, help="instead of --reward: checker (the data's) or file.py:fn(prompts, responses)")
     g("--kl_coef", type=float, default=0.1, help="per-token KL penalty weight (initial value with --target_kl)")
     g("--kl_estimator", default="k1", choices=["k1", "k3"], help="k1 = log p - log p_ref; k3 = (r - 1) - log r")
     g("--target_kl", type=float, default=None, help="adaptive KL controller target (Ziegler et al. 2019); off if unset")
@@ -51,6 +47,9 @@ def parse_args(argv=None):
     g("--normalize_reward", action=argparse.BooleanOptionalAction, default=True, help="standardise scores first")
     g("--missing_eos_penalty", type=float, default=1.0, help="subtracted from the score of a response without EOS")
     g("--whiten_rewards", action="store_true", help="whiten per-token rewards before GAE")
+    g("--kl_loss_coef", type=float, default=0.0, help="KL to the reference in the loss, by --kl_estimator (GRPO)")
+    g("--entropy_coef", type=float, default=0.0, help="entropy bonus in the policy loss")
+    g("--loss_agg_mode", default=None, choices=AGG_MODES, help="how token losses average (default: the estimator's)")
     g("--gamma", type=float, default=1.0, help="discount")
     g("--lam", type=float, default=0.95, help="GAE lambda")
     g("--cliprange", type=float, default=0.2, help="policy ratio clip")
@@ -89,8 +88,8 @@ def parse_args(argv=None):
     # ---- models and memory
     g = p.add_argument_group("models and memory").add_argument
     g("--actor", "--actor_model_name_or_path", dest="actor", required=True, help="step-1 output; also the reference")
-    g("--reward", "--reward_model_name_or_path", dest="reward", required=True, help="step-2 output")
-    g("--critic", "--critic_model_name_or_path", dest="critic", default=None, help="critic init (default: --reward)")
+    g("--reward", "--reward_model_name_or_path", dest="reward", default=None, help="step-2 output (or --reward_fn)")
+    g("--critic", "--critic_model_name_or_path", dest="critic", default=None, help="critic init (--reward, or --actor)")
     g("--output_dir", required=True, help="actor/, critic/, metrics.json, generations, checkpoints/")
     g("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, else fp32")
     g("--actor_zero_stage", type=int, default=0, help="actor ZeRO stage 0-3 (the reference: 3 if 3, else 0)")
@@ -137,29 +136,53 @@ def check_args(args):
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
         data.resolve_source(path)
-    sizes = ["per_device_generation_batch_size", "generation_batches", "per_device_training_batch_size"]
-    sizes += ["gradient_accumulation_steps", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len"]
-    common.check_at_least_one(args, *sizes)
-    rollout = args.per_device_generation_batch_size * args.generation_batches
+    sizes = "per_device_generation_batch_size generation_batches n_samples_per_prompt per_device_training_batch_size"
+    common.check_at_least_one(args, *sizes.split(), "gradient_accumulation_steps", "ppo_epochs", "max_answer_seq_len")
+    common.check_at_least_one(args, "max_prompt_seq_len")
+    rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
     micro = args.per_device_training_batch_size * args.gradient_accumulation_steps
     if rollout % micro:
-        raise UserError(
-            f"--per_device_generation_batch_size x --generation_batches ({rollout}) must be a multiple of "
-            f"--per_device_training_batch_size x --gradient_accumulation_steps ({micro})"
-        )
+        what = f"--per_device_generation_batch_size x --generation_batches x --n_samples_per_prompt ({rollout})"
+        of = f"--per_device_training_batch_size x --gradient_accumulation_steps ({micro})"
+        raise UserError(f"{what} must be a multiple of {of}")
+    if args.advantage_estimator in GROUP and args.n_samples_per_prompt < 2:
+        raise UserError(f"--advantage_estimator {args.advantage_estimator}: needs --n_samples_per_prompt 2 or more")
+    if (args.reward is None) == (args.reward_fn is None):
+        raise UserError("--reward or --reward_fn: give exactly one (the reward model, or a function)")
+    args.loss_agg_mode = args.loss_agg_mode or GROUP.get(args.advantage_estimator, "token-mean")
     if args.inference_tp_size > 1 and args.actor_zero_stage != 3:
         raise UserError("--inference_tp_size > 1 needs --actor_zero_stage 3 (the hybrid engine splits ZeRO-3 shards)")
     if args.temperature <= 0:
         raise UserError(f"--temperature {args.temperature}: must be > 0")
     if args.only_optimize_lora and not (args.actor_lora_dim or args.critic_lora_dim):
         raise UserError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
-    if args.resume and not latest_checkpoint(args.output_dir):
+    if args.resume and not common.latest_checkpoint(os.path.join(args.output_dir, "checkpoints")):
         raise UserError(f"--resume: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
     common.check_output_dir(args.output_dir)
-    args.critic = args.critic or args.reward
-    for flag, path in (("--actor", args.actor), ("--reward", args.reward), ("--critic", args.critic)):
+    args.critic = (args.critic or args.reward or args.actor) if args.advantage_estimator == "gae" else None
+    models = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic}
+    for flag, path in ((f, p) for f, p in models.items() if p):
         common.check_model_path(path, flag)
-    data.check_same_template(args.chat_template, {"--actor": args.actor, "--reward": args.reward})
+    data.check_same_template(args.chat_template, {f: p for f, p in models.items() if p})
+    if args.reward_fn:
+        load_reward_fn(args.reward_fn, args.data_path)
+
+
+def load_reward_fn(spec, data_paths):
+    """--reward_fn: "checker" (the dataset's ground truth as 1.0 / 0.0) or "path/to/file.py:function", a function of
+    (prompts: list[str] instructions, responses: list[str] without EOS) -> list[float]."""
+    if spec == "checker":
+        if (check := data.checker_for(data_paths)) is None:
+            raise UserError(f"--reward_fn checker: --data_path {' '.join(data_paths)} has no ground-truth checker")
+        return lambda prompts, responses: [float(check(p, r)) for p, r in zip(prompts, responses)]
+    path, _, name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"--reward_fn {spec}: no such file {path!r} (expected checker or path/to/file.py:function)")
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("reward_fn", path))
+    module.__spec__.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
+    return getattr(module, name)
 
 
 # ======================================================================================================================
@@ -177,8 +200,7 @@ def entropy_from_logits(logits, temperature=1.0):
 
 
 def kl_from_logits(logits, ref_logits, temperature=1.0):
-    """Exact KL(pi || pi_ref) of the two next-token distributions at each position, always >= 0.
-    logits, ref_logits [B, T, V] -> [B, T]."""
+    """Exact KL(pi || pi_ref) of the next-token distributions at each position (>= 0): [B, T, V] x 2 -> [B, T]."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -196,9 +218,15 @@ def masked_var(x, mask, unbiased=True):
     return var * n / (n - 1) if unbiased and n > 1 else var
 
 
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over masked entries; shift_mean=False keeps the mean (for rewards). Zero off the mask."""
+def masked_whiten(x, mask, shift_mean=True, distributed=False):
+    """(x - mean) / std over masked entries (of every rank's x if distributed); shift_mean=False keeps the mean (for
+    rewards). Zero off the mask."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if distributed and common.world_size() > 1:  # sums over every rank's entries
+        total, sq, n = common.all_reduce_sum(
+            [(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()], 0
+        )
+        mean, var = x.new_tensor(total / n), x.new_tensor((sq / n - (total / n) ** 2) * n / max(n - 1, 1))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -206,8 +234,8 @@ def masked_whiten(x, mask, shift_mean=True):
 
 
 def response_mask(response, eos_id):
-    """1 on response tokens up to and including the first EOS, 0 after it: [B, Tr] -> [B, Tr].
-    The EOS is an action too (in the mask), so the policy learns when to stop."""
+    """1 up to and including the first EOS, 0 after it: [B, Tr] -> [B, Tr]. The EOS is an action: the policy learns
+    to stop."""
     is_eos = (response == eos_id).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0
     return (~after_eos).long()
@@ -242,9 +270,8 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens. Values and rewards
-    after the end are zeroed, so the last real token bootstraps from 0.
-    rewards, values, mask [B, Tr] -> advantages, returns [B, Tr]; returns = advantages + values."""
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens; after the end everything
+    is zeroed, so the last real token bootstraps from 0. [B, Tr] x 3 -> advantages, returns = advantages + values."""
     values, rewards = values * mask, rewards * mask
     last_gae, out = torch.zeros_like(rewards[:, 0]), []
     for t in reversed(range(rewards.shape[1])):
@@ -256,31 +283,59 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def advantages_and_returns(rewards, values, mask, gamma, lam, whiten_rewards=False):
-    """GAE over a whole rollout, advantages whitened over all its response tokens (as N+ and OpenRLHF do: a small
-    generation batch whitened on its own would be rescaled differently). [B, Tr] -> advantages, returns [B, Tr]."""
-    if whiten_rewards:
+def group_advantages(rewards, k, estimator):
+    """Critic-free outcome advantages within groups of k responses to one prompt (rows [i*k, (i+1)*k)): [B] -> [B].
+    grpo: (R - mean) / std (Shao et al. 2024, DeepSeekMath sec. 4.1); dr_grpo: R - mean, no std (Liu et al. 2025,
+    "Understanding R1-Zero-like training"); rloo: R - the mean of the other k - 1 (Ahmadian et al. 2024)."""
+    r = rewards.view(-1, k)  # [groups, k]
+    if estimator == "rloo":
+        return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).flatten()
+    centred = r - r.mean(1, keepdim=True)
+    return (centred / (r.std(1, keepdim=True) + 1e-6) if estimator == "grpo" else centred).flatten()
+
+
+def advantages_and_returns(rewards, values, mask, args):
+    """Advantages [B, Tr] of a whole rollout and the critic's returns. gae: GAE, whitened over the rollout (as N+ and
+    OpenRLHF); reinforce_pp (Hu 2025): discounted returns of the per-token rewards, whitened over the global batch;
+    group estimators: each sequence's total reward (score - KL penalty) against its group's, on every response token."""
+    if args.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    if args.advantage_estimator in GROUP:
+        advantages = group_advantages(rewards.sum(1), args.n_samples_per_prompt, args.advantage_estimator)
+        return advantages[:, None] * mask, advantages[:, None] * mask  # no critic: the returns go unused
+    if args.advantage_estimator == "reinforce_pp":  # GAE with lam = 1 and no values is the discounted return
+        returns, _ = gae(rewards, torch.zeros_like(rewards), mask, args.gamma, 1.0)
+        return masked_whiten(returns, mask, distributed=True), returns
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
     return masked_whiten(advantages, mask), returns
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a loss to minimise: the masked mean over tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)). All [B, Tr].
+def aggregate(loss, mask, mode, max_len):
+    """Token losses [B, Tr] -> one number. token-mean: every token weighs the same; seq-mean-token-mean: every sequence
+    (GRPO); seq-mean-token-sum-norm: token sums over a constant length, no length bias (Dr. GRPO)."""
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (mask.shape[0] * max_len)
+    return masked_mean(loss, mask)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, agg="token-mean", max_len=None):
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a loss to minimise: max(-A * ratio, -A * clip(ratio,
+    1 - eps, 1 + eps)) per token [B, Tr], averaged as `agg` says (aggregate).
     Returns loss, clipfrac (share of tokens where the clip is active), approx_kl (0.5 * E[log-ratio^2])."""
     log_ratio = (logprobs - old_logprobs) * mask  # masked before exp(): a padded slot's exp() could be inf, inf * 0 NaN
     ratio = log_ratio.exp()
     loss1 = -advantages * ratio
     loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    loss = masked_mean(torch.max(loss1, loss2), mask)
+    loss = aggregate(torch.max(loss1, loss2), mask, agg, max_len)
     clipfrac = masked_mean((loss2 > loss1).float(), mask)
     return loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask)
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value):
-    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old +/- eps) - R)^2). All [B, Tr].
-    Returns loss, clipfrac."""
+    """Clipped value loss: 0.5 * masked mean of max((V - R)^2, (clip(V, V_old +/- eps) - R)^2). [B, Tr] -> loss,
+    clipfrac."""
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     err1, err2 = (values - returns) ** 2, (clipped - returns) ** 2
     return 0.5 * masked_mean(torch.max(err1, err2), mask), masked_mean((err2 > err1).float(), mask)
@@ -291,42 +346,33 @@ def explained_variance(values, returns, mask):
     return (1 - masked_var(returns - values, mask) / (masked_var(returns, mask) + 1e-8)).item()
 
 
-class AdaptiveKLController:
-    """Ziegler et al. 2019, sec. 2.2: move kl_coef so that the observed KL tracks `target`.
-    e_t = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e_t * n / horizon)."""
-
-    def __init__(self, kl_coef, target=None, horizon=10000):
-        self.value, self.target, self.horizon = kl_coef, target, horizon
-
-    def update(self, kl, n_samples):
-        if self.target:
-            error = min(max(kl / self.target - 1, -0.2), 0.2)
-            self.value *= 1 + error * n_samples / self.horizon
+def adaptive_kl_coef(kl_coef, kl, target, n_samples, horizon=10000):
+    """Ziegler et al. 2019, sec. 2.2: move kl_coef so that the observed KL tracks `target` (fixed without one):
+    e = clip(KL / target - 1, -0.2, 0.2); kl_coef <- kl_coef * (1 + e * n / horizon)."""
+    return kl_coef * (1 + min(max(kl / target - 1, -0.2), 0.2) * n_samples / horizon) if target else kl_coef
 
 
 def merge_experiences(exps, pad_id):
-    """The generation batches of one rollout as one batch: query-side tensors [B, Tq] re-padded on the left,
-    response-side tensors [B, Tr] on the right, per-sequence tensors [B] concatenated."""
+    """The generation batches of a rollout as one: [B, Tq] re-padded on the left, [B, Tr] on the right, [B] joined."""
     tq, tr = max(x["query"].shape[1] for x in exps), max(x["response"].shape[1] for x in exps)
     out = {}
     for key in (k for k, v in exps[0].items() if torch.is_tensor(v)):
         parts = [x[key] for x in exps]
         if parts[0].dim() == 2:
-            left = key in ("query", "query_mask")
-            fill = pad_id if key in ("query", "response") else 0
-            parts = [F.pad(p, ((tq if left else tr) - p.shape[1], 0) if left else (0, tr - p.shape[1]), value=fill) for p in parts]
+            left, fill = key in ("query", "query_mask"), pad_id if key in ("query", "response") else 0
+            parts = [F.pad(p, (tq - p.shape[1], 0) if left else (0, tr - p.shape[1]), value=fill) for p in parts]
         out[key] = torch.cat(parts)
     return out
 
 
 class PPOTrainer:
-    """DeepSpeed-Chat's DeepSpeedPPOTrainer: generate_experience(prompt_batch) -> experience (responses, their
-    log-probs, values and rewards); train_rlhf(exp) -> metrics of one PPO micro-batch for the actor and critic."""
+    """DeepSpeed-Chat's DeepSpeedPPOTrainer: generate_experience(prompt_batch) -> rollout experience; train_rlhf(exp)
+    -> metrics of one PPO micro-batch (an update of the actor and of the critic)."""
 
     def __init__(self, engine, args):
         self.engine, self.args = engine, args
         self.tokenizer, self.device = engine.tokenizer, engine.device
-        self.kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl)
+        self.kl_coef = args.kl_coef  # moved by adaptive_kl_coef when --target_kl is set
         self.skipped = 0  # micro-batch updates dropped for a non-finite loss (or reward)
 
     def logits(self, engine, seq, attn, query_len):
@@ -340,12 +386,11 @@ class PPOTrainer:
         """Responses to left-padded queries [B, Tq]: response [B, Tr] (PAD after the first EOS) and its mask."""
         a, e, tok = self.args, self.engine, self.tokenizer
         e.actor.eval()
-        sampling = {"do_sample": True, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k}
+        kw = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": not greedy}
+        if not greedy:
+            kw.update(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
         with common.generation_model(e.actor, e.hybrid, a.actor_zero_stage == 3) as model:
-            out = model.generate(
-                input_ids=query, attention_mask=query_mask, max_new_tokens=a.max_answer_seq_len, synced_gpus=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **({"do_sample": False} if greedy else sampling),
-            )
+            out = model.generate(query, attention_mask=query_mask, max_new_tokens=a.max_answer_seq_len, **kw)
         response = out[:, query.shape[1] :]
         if response.shape[1] == 0:  # generate returned nothing new
             response = torch.full_like(query[:, :1], tok.eos_token_id)
@@ -353,39 +398,47 @@ class PPOTrainer:
         return response.masked_fill(mask == 0, tok.pad_token_id), mask
 
     @torch.no_grad()
-    def score(self, query, query_mask, response, mask, full_kl=False):
-        """logprobs, ref_logprobs, entropy, values [B, Tr] and raw reward-model scores [B]; with full_kl also the
-        exact per-token KL to the reference [B, Tr] (evaluation)."""
-        a, e = self.args, self.engine
+    def score(self, query, query_mask, response, mask, instructions, full_kl=False):
+        """logprobs, ref_logprobs, entropy, values [B, Tr] and raw scores [B] (the reward model's, or --reward_fn's on
+        the decoded answers and `instructions`); with full_kl the exact per-token KL to the reference [B, Tr]."""
+        a, e, tok = self.args, self.engine, self.tokenizer
         seq, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)  # [B, Tq + Tr]
         tq = query.shape[1]
         logits, ref_logits = self.logits(e.actor, seq, attn, tq), self.logits(e.ref, seq, attn, tq)  # [B, Tr, V]
-        e.critic.eval()
+        if e.critic is not None:
+            e.critic.eval()
         out = {
             "logprobs": logprobs_from_logits(logits, response, a.temperature),
             "ref_logprobs": logprobs_from_logits(ref_logits, response, a.temperature),
             "entropy": entropy_from_logits(logits, a.temperature),
-            "values": e.critic(seq, attn)[:, tq - 1 : -1] * mask,  # V(state before each response token)
-            "scores": common.end_scores(e.reward(seq, attn), attn),  # read at the last real token: the EOS
-        }
+            "values": e.critic(seq, attn)[:, tq - 1 : -1] * mask if e.critic else torch.zeros_like(logits[..., 0]),
+        }  # values: V(state before each response token)
+        if e.reward is not None:
+            out["scores"] = common.end_scores(e.reward(seq, attn), attn)  # read at the last real token: the EOS
+        else:
+            answers = [
+                tok.decode(data.cut_at_eos(r, tok.eos_token_id), skip_special_tokens=True) for r in response.tolist()
+            ]
+            out["scores"] = torch.tensor(e.reward_fn(instructions, answers), dtype=torch.float, device=self.device)
         if full_kl:
             out["kl"] = kl_from_logits(logits, ref_logits, a.temperature) * mask
         return out
 
     @torch.no_grad()
     def generate_experience(self, prompt_batch):
-        """One generation batch of a rollout from left-padded prompts {input_ids, attention_mask}: sample responses,
-        score them with all four models and compute the per-token rewards (advantages come once per rollout)."""
-        a, tok = self.args, self.tokenizer
-        query, query_mask = prompt_batch["input_ids"].to(self.device), prompt_batch["attention_mask"].to(self.device)
+        """One generation batch of a rollout from left-padded prompts {input_ids, attention_mask, instructions}: sample
+        --n_samples_per_prompt responses to each (a group: adjacent rows), score them, per-token rewards."""
+        a, tok, k = self.args, self.tokenizer, self.args.n_samples_per_prompt
+        repeat = lambda key: prompt_batch[key].repeat_interleave(k, 0).to(self.device)  # a group: k adjacent rows
+        query, query_mask = repeat("input_ids"), repeat("attention_mask")
         t0 = time.time()
         response, mask = self.sample(query, query_mask)
         gen_seconds = time.time() - t0
-        s = self.score(query, query_mask, response, mask)
+        s = self.score(query, query_mask, response, mask, [p for p in prompt_batch["instructions"] for _ in range(k)])
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)  # [B]
         stats = self.engine.reward_stats if a.normalize_reward else None
         scores = shape_scores(s["scores"], has_eos, stats, a.clip_reward_value, a.missing_eos_penalty)
-        rewards, kl = compute_rewards(scores, s["logprobs"], s["ref_logprobs"], mask, self.kl_ctl.value, a.kl_estimator)
+        rewards, kl = compute_rewards(scores, s["logprobs"], s["ref_logprobs"], mask, self.kl_coef, a.kl_estimator)
         exp = {"query": query, "query_mask": query_mask, "response": response, "mask": mask, "rewards": rewards}
         exp.update({k: s[k] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")})
         return {**exp, "kl": kl.sum(1), "has_eos": has_eos, "gen_seconds": gen_seconds}
@@ -393,14 +446,20 @@ class PPOTrainer:
     def train_rlhf(self, exp, ptx_batch=None):
         """One PPO micro-batch: the clipped policy loss (+ unsup_coef x the LM loss with PPO-ptx) for the actor, the
         clipped value loss for the critic, one optimizer step each. Returns this micro-batch's metrics."""
-        a, e = self.args, self.engine
-        seq = torch.cat([exp["query"], exp["response"]], 1)
-        attn = torch.cat([exp["query_mask"], exp["mask"]], 1)
-        tq = exp["query"].shape[1]
+        a, e, mask, tq = self.args, self.engine, exp["mask"], exp["query"].shape[1]
+        seq, attn = torch.cat([exp["query"], exp["response"]], 1), torch.cat([exp["query_mask"], mask], 1)
         e.actor.train()
-        logprobs = logprobs_from_logits(self.logits(e.actor, seq, attn, tq), exp["response"], a.temperature)
-        actor_loss, clipfrac, approx_kl = policy_loss(logprobs, exp["logprobs"], exp["advantages"], exp["mask"], a.cliprange)
+        logits, agg = self.logits(e.actor, seq, attn, tq), (a.loss_agg_mode, a.max_answer_seq_len)
+        logprobs = logprobs_from_logits(logits, exp["response"], a.temperature)
+        actor_loss, clipfrac, approx_kl = policy_loss(
+            logprobs, exp["logprobs"], exp["advantages"], mask, a.cliprange, *agg
+        )
         loss, m = actor_loss, {}
+        if a.kl_loss_coef:  # GRPO's KL term: in the loss, estimated per token by --kl_estimator (k3 in the paper)
+            kl_loss = aggregate(kl_penalty(logprobs, exp["ref_logprobs"], a.kl_estimator), mask, *agg)
+            loss, m["kl_loss"] = loss + a.kl_loss_coef * kl_loss, kl_loss.item()
+        if a.entropy_coef:  # an entropy bonus keeps exploring
+            loss = loss - a.entropy_coef * aggregate(entropy_from_logits(logits, a.temperature), mask, *agg)
         if ptx_batch is not None:
             ptx_loss = e.actor(input_ids=ptx_batch, labels=ptx_batch, use_cache=False).loss
             loss = loss + a.unsup_coef * ptx_loss
@@ -409,87 +468,103 @@ class PPOTrainer:
         actor_ok = common.backward_step(e.actor, loss)  # a NaN reward arrives here as NaN advantages: skipped
         if e.ema is not None and boundary and actor_ok:
             e.ema.update(e.actor.module)
-        e.critic.train()
-        values = e.critic(seq, attn)[:, tq - 1 : -1]  # [B, Tr], aligned as in score()
-        critic_loss, vf_clipfrac = value_loss(values, exp["values"], exp["returns"], exp["mask"], a.cliprange_value)
-        critic_ok = common.backward_step(e.critic, critic_loss)
-        self.skipped += (not actor_ok) + (not critic_ok)
-        m.update(actor_loss=actor_loss.item(), critic_loss=critic_loss.item(), clipfrac=clipfrac.item())
-        m.update(approx_kl=approx_kl.item(), vf_clipfrac=vf_clipfrac.item())
-        m["explained_var"] = explained_variance(exp["values"], exp["returns"], exp["mask"])
+        self.skipped += not actor_ok
+        m.update(actor_loss=actor_loss.item(), clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
+        if e.critic is not None:
+            e.critic.train()
+            values = e.critic(seq, attn)[:, tq - 1 : -1]  # [B, Tr], aligned as in score()
+            critic_loss, vf_clipfrac = value_loss(values, exp["values"], exp["returns"], mask, a.cliprange_value)
+            self.skipped += not common.backward_step(e.critic, critic_loss)
+            m.update(critic_loss=critic_loss.item(), vf_clipfrac=vf_clipfrac.item())
+            m["explained_var"] = explained_variance(exp["values"], exp["returns"], mask)
         return m
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_distributed()
-    common.set_seed(args.seed)
+    device = common.init_distributed(args.seed)
     tokenizer = common.load_tokenizer(args.actor, "--actor")
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
-    (train_prompts, _, _), (eval_prompts, eval_texts, eval_refs) = data.build_prompts(args, tokenizer)
+    train, held_out = data.build_prompts(args, tokenizer)  # {"ids", "texts", "references", "instructions"}
     ptx = data.build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
-    eval_set = (eval_prompts, eval_texts, data.checker_for(args.data_path), eval_refs)
+    eval_set = (held_out, data.checker_for(args.data_path))
+    out = lambda name: os.path.join(args.output_dir, name)
+    pad, checkpoints = tokenizer.pad_token_id, out("checkpoints")
 
     # ---- batch hierarchy (module docstring)
-    world, gen_bs, micro = common.world_size(), args.per_device_generation_batch_size, args.per_device_training_batch_size
-    rollout = gen_bs * args.generation_batches  # sequences per rank per step
+    world, gen_bs, k = common.world_size(), args.per_device_generation_batch_size, args.n_samples_per_prompt
+    micro, prompts = args.per_device_training_batch_size, gen_bs * args.generation_batches  # prompts per rank per step
+    rollout = prompts * k  # sequences per rank per step
     updates_per_step = args.ppo_epochs * (rollout // micro) // args.gradient_accumulation_steps
-    steps_per_epoch = len(train_prompts) // (rollout * world)
+    steps_per_epoch = len(train["ids"]) // (prompts * world)
     if steps_per_epoch == 0:
-        raise UserError(f"--data_path: {len(train_prompts)} phase-3 prompts are fewer than one rollout of {rollout * world}")
+        raise UserError(f"--data_path: {len(train['ids'])} phase-3 prompts; one rollout needs {prompts * world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    reward = args.reward or f"--reward_fn {args.reward_fn}"
+    models = "4 models" if args.critic else f"{2 + bool(args.reward)} models (critic-free)"
     print_rank0(
-        f"ppo: actor {args.actor}, critic {args.critic}, reward {args.reward}; {len(train_prompts)} train / "
-        f"{len(eval_prompts)} eval prompts; rollout {gen_bs} x {args.generation_batches} per rank x {world} ranks = "
-        f"{rollout * world} sequences; micro-batch {micro} x accum {args.gradient_accumulation_steps}; "
-        f"{args.ppo_epochs} PPO epochs = {updates_per_step} updates per step; {total_steps} steps; "
-        f"zero actor {args.actor_zero_stage} / critic {args.critic_zero_stage}; {args.dtype}"
+        f"ppo: {args.advantage_estimator}, {models}; actor {args.actor}, critic {args.critic}, reward {reward}; "
+        f"{len(train['ids'])} train / {len(held_out['ids'])} eval prompts; rollout {gen_bs} x {args.generation_batches}"
+        f" prompts x {k} samples per rank x {world} ranks = {rollout * world} sequences; micro-batch {micro} x accum "
+        f"{args.gradient_accumulation_steps}; {args.ppo_epochs} PPO epochs = {updates_per_step} updates per step; "
+        f"{total_steps} steps; zero actor {args.actor_zero_stage} / critic {args.critic_zero_stage}; {args.dtype}"
     )
 
     # ---- models: four engines; resume or evaluate the starting (SFT) policy
     engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, total_steps * updates_per_step, device)
-    trainer = PPOTrainer(engine, args)
-    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), append=args.resume)
-    state = load_checkpoint(engine, trainer, args) if args.resume else {"step": 0, "metrics_start": None}
+    trainer, engines = PPOTrainer(engine, args), {"actor": engine.actor, "critic": engine.critic}
+    engines = {tag: e for tag, e in engines.items() if e is not None}
+    log = common.CSVLog(out("log.csv"), append=args.resume)
+    state = {"step": 0, "metrics_start": None}
+    if args.resume:  # engines, optimizers, RNG, EMA and our counters, as an uninterrupted run had them
+        state = common.load_checkpoint(checkpoints, engines, engine.ema)
+        trainer.kl_coef, trainer.skipped = state["kl_coef"], state["skipped"]
     if state["metrics_start"] is None:
         start, records = evaluate(trainer, *eval_set)
         state["metrics_start"] = {f"{k}_start": v for k, v in start.items()}
         log.write(0, start)
-        write_jsonl(os.path.join(args.output_dir, "eval_generations_start.jsonl"), records)
+        common.write_json(out("eval_generations_start.jsonl"), records)
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in state["metrics_start"].items()))
 
     # ---- loop: one step = one rollout of fresh samples, then ppo_epochs passes over it in micro-batches
     t_start = time.time()
     for step in range(state["step"], total_steps):
         t0 = time.time()
-        mine = rollout_prompts(len(train_prompts), step, steps_per_epoch, rollout, args.seed)  # this rank's share
+        # this rank's prompts: each epoch walks a fresh seeded permutation, rollout x world prompts per step
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train["ids"]), generator=torch.Generator().manual_seed(args.seed + epoch))
+        mine = order[within * prompts * world : (within + 1) * prompts * world][common.rank() :: world].tolist()
         chunks = [mine[g * gen_bs : (g + 1) * gen_bs] for g in range(args.generation_batches)]
-        batches = [data.collate_prompts([{"prompt_ids": train_prompts[i]} for i in c], tokenizer.pad_token_id) for c in chunks]
-        exps = [trainer.generate_experience(b) for b in batches]
+        exps = [trainer.generate_experience(prompt_batch(train, chunk, pad)) for chunk in chunks]
         gen_seconds = sum(x["gen_seconds"] for x in exps)  # sampling only; scoring counts as neither
-        exp = merge_experiences(exps, tokenizer.pad_token_id)  # the whole rollout: [rollout, ...]
-        exp["advantages"], exp["returns"] = advantages_and_returns(
-            exp["rewards"], exp["values"], exp["mask"], args.gamma, args.lam, args.whiten_rewards
-        )
+        exp = merge_experiences(exps, pad)  # the whole rollout: [rollout, ...]
+        exp["advantages"], exp["returns"] = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], args)
         t1 = time.time()
         stats = []
         for _ in range(args.ppo_epochs):
             for idx in torch.randperm(rollout).view(-1, micro):  # micro-batches in a fresh random order each epoch
                 ptx_batch = None if ptx is None else ptx[torch.randint(len(ptx), (micro,))].to(device)
                 stats.append(trainer.train_rlhf({k: v[idx] for k, v in exp.items()}, ptx_batch))
-        m = rollout_metrics(exp, stats, trainer, device)
-        trainer.kl_ctl.update(m["kl"], rollout * world)
-        m.update(gen_seconds=gen_seconds, train_seconds=time.time() - t1, samples_per_s=rollout * world / (time.time() - t0))
-        log_step(step + 1, total_steps, m, log, engine, trainer)
-        if args.print_answers or (args.print_answers_interval and (step + 1) % args.print_answers_interval == 0):
-            print_answers(exp, tokenizer)
+        m = {"reward": exp["scores"].mean().item(), "kl": exp["kl"].mean().item(), "kl_coef": trainer.kl_coef}
+        m.update(entropy=masked_mean(exp["entropy"], exp["mask"]).item(), skipped=trainer.skipped)
+        m.update(
+            response_length=exp["mask"].sum(1).float().mean().item(), eos_rate=exp["has_eos"].float().mean().item()
+        )
+        m.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})  # the mean over micro-batches
+        m = dict(zip(sorted(m), [v / world for v in common.all_reduce_sum([m[k] for k in sorted(m)], device)]))  # ranks
+        trainer.kl_coef = adaptive_kl_coef(trainer.kl_coef, m["kl"], args.target_kl, rollout * world)
+        m.update(gen_seconds=gen_seconds, train_seconds=time.time() - t1)
+        m["samples_per_s"] = rollout * world / (time.time() - t0)
+        show = args.print_answers or (args.print_answers_interval and (step + 1) % args.print_answers_interval == 0)
+        log_step(step + 1, total_steps, m, log, engine, trainer, exp if show else None)
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < total_steps:
             mid, _ = evaluate(trainer, *eval_set)
             log.write(step + 1, mid)
             print_rank0(f"eval step {step + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
         if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0 and step + 1 < total_steps:
-            save_checkpoint(engine, trainer, args, step + 1, state)
+            state.update(kl_coef=trainer.kl_coef, skipped=trainer.skipped)
+            common.save_checkpoint(checkpoints, step + 1, engines, state, engine.ema)
 
     # ---- final eval and save: actor (+ EMA) as HF causal-LM folders, critic as a reward-model folder
     end, records = evaluate(trainer, *eval_set)
@@ -497,135 +572,116 @@ def main(argv=None):
     metrics["skipped_updates"] = trainer.skipped
     log.write(total_steps, end)
     print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()))
-    write_jsonl(os.path.join(args.output_dir, "eval_generations.jsonl"), records)
-    save_outputs(engine, tokenizer, args, metrics)
+    common.write_json(out("eval_generations.jsonl"), records)
+    saved_args = {"args.json": {k: v for k, v in vars(args).items() if k != "split"}}  # HF folders + args + metrics
+    common.save_hf(engine.actor.module, tokenizer, out("actor"), json_files=saved_args)
+    if engine.ema is not None:
+        ema = engine.ema.state_dict(engine.actor.module)
+        common.save_hf(engine.actor.module, tokenizer, out("actor_ema"), saved_args, ema, gathered=True)
+    if engine.critic is not None:
+        common.save_reward_model(engine.critic.module, tokenizer, out("critic"), saved_args)
+    common.write_json(out("args.json"), saved_args["args.json"])
+    common.write_json(out("metrics.json"), metrics)
     print_rank0(f"saved {args.output_dir}")
 
 
 # ======================================================================================================================
-# Plumbing: the prompt order, per-step metrics and printing, the four engines, EMA, evaluation, outputs, checkpoints.
-def rollout_prompts(n, step, steps_per_epoch, rollout, seed):
-    """Indices of this rank's prompts for `step`: each epoch walks a fresh seeded permutation of the n prompts,
-    rollout x world of them per step, and rank r takes every world-th of those."""
-    epoch, within = divmod(step, steps_per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    world = common.world_size()
-    return order[within * rollout * world : (within + 1) * rollout * world][common.rank() :: world].tolist()
+# Plumbing: per-step metrics and printing, the four engines, evaluation, outputs.
+def prompt_batch(prompts, idx, pad_id):
+    """Prompts idx of a build_prompts split: token ids left-padded for generation, and their instructions."""
+    batch = data.collate_prompts([prompts["ids"][i] for i in idx], pad_id)
+    return {**batch, "instructions": [prompts["instructions"][i] for i in idx]}
 
 
-def rollout_metrics(exp, stats, trainer, device):
-    """The step's console/log metrics: rollout figures plus the mean of the micro-batch metrics, averaged over ranks."""
-    m = {
-        "reward": exp["scores"].mean().item(),
-        "kl": exp["kl"].mean().item(),
-        "entropy": masked_mean(exp["entropy"], exp["mask"]).item(),
-        "response_length": exp["mask"].sum(1).float().mean().item(),
-        "eos_rate": exp["has_eos"].float().mean().item(),
-        **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-        "kl_coef": trainer.kl_ctl.value,
-        "skipped": trainer.skipped,
-    }
-    keys = sorted(m)
-    return dict(zip(keys, [v / common.world_size() for v in common.all_reduce_sum([m[k] for k in keys], device)]))
-
-
-def log_step(step, total_steps, m, log, engine, trainer):
+def log_step(step, total_steps, m, log, engine, trainer, exp=None):
+    """log.csv (and tensorboard), one console line, and a few sample answers of `exp` when given."""
     log.write(step, m)
+    skipped = f" | skipped {trainer.skipped} non-finite updates" if trainer.skipped else ""
     if engine.actor.monitor.enabled:
         engine.actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in m.items()])
-    print_rank0(
-        f"step {step}/{total_steps} | reward {m['reward']:.3f} | kl {m['kl']:.3f} | ent {m['entropy']:.3f} | "
-        f"len {m['response_length']:.1f} | eos {m['eos_rate']:.2f} | clipfrac {m['clipfrac']:.3f} | "
-        f"approx_kl {m['approx_kl']:.4f} | vf_loss {m['critic_loss']:.4f} | vf_clip {m['vf_clipfrac']:.3f} | "
-        f"ev {m['explained_var']:.3f} | gen {m['gen_seconds']:.1f}s train {m['train_seconds']:.1f}s | "
-        f"{m['samples_per_s']:.1f} samples/s" + (f" | skipped {trainer.skipped} non-finite updates" if trainer.skipped else "")
-    )
-
-
-def print_answers(exp, tokenizer):
-    for j in range(min(3, len(exp["query"]))):
-        q = tokenizer.decode(exp["query"][j][exp["query_mask"][j] == 1])
-        r = tokenizer.decode(data.cut_at_eos(exp["response"][j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+    shown = [("reward", "reward", ".3f"), ("kl", "kl", ".3f"), ("ent", "entropy", ".3f")]  # (name, key, format)
+    shown += [("len", "response_length", ".1f"), ("eos", "eos_rate", ".2f"), ("clipfrac", "clipfrac", ".3f")]
+    shown += [("approx_kl", "approx_kl", ".4f"), ("vf_loss", "critic_loss", ".4f"), ("vf_clip", "vf_clipfrac", ".3f")]
+    shown += [("ev", "explained_var", ".3f")]
+    line = " | ".join(f"{name} {m[key]:{fmt}}" for name, key, fmt in shown if key in m)  # no critic: no vf_ figures
+    times = f"gen {m['gen_seconds']:.1f}s train {m['train_seconds']:.1f}s | {m['samples_per_s']:.1f} samples/s"
+    print_rank0(f"step {step}/{total_steps} | {line} | {times}{skipped}")
+    tok = engine.tokenizer
+    for j in range(min(3, len(exp["query"])) if exp is not None else 0):
+        q = tok.decode(exp["query"][j][exp["query_mask"][j] == 1])
+        r = tok.decode(data.cut_at_eos(exp["response"][j].tolist(), tok.eos_token_id), skip_special_tokens=True)
         print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {exp['scores'][j].item():+.2f}")
 
 
 class RLHFEngine:
-    """DeepSpeed-Chat's DeepSpeedRLHFEngine: four DeepSpeed engines. The actor and critic are trained, each with its
-    own ZeRO stage; the reference and reward models are frozen inference engines, ZeRO-3 sharded when their trained
-    counterpart is ZeRO-3 or when offloaded to the CPU (DeepSpeed offloads parameters only under ZeRO-3)."""
+    """DeepSpeed-Chat's DeepSpeedRLHFEngine: the trained actor and critic, each with its ZeRO stage, and the frozen
+    reference and reward model, ZeRO-3 sharded when their trained twin is or when offloaded (DeepSpeed's rule)."""
 
     def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
-        self.args, self.tokenizer, self.device = args, tokenizer, device or torch.device("cpu")
-        self.total_updates = total_updates
-        self.actor = self._init_actor(actor)
-        ref = common.load_model(actor, tokenizer, dropout=0.0)
-        self.ref = self._frozen(ref, args.actor_zero_stage, args.offload_reference_model)
-        self.critic = self._init_critic(critic)
-        reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, dropout=0.0)
-        self.reward = self._frozen(reward_model, args.critic_zero_stage, args.offload_reward_model)
-        self.ema = EMA(self.actor.module) if args.enable_ema else None
+        a, self.args, self.tokenizer, self.device = args, args, tokenizer, device or torch.device("cpu")
+        self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available()
+        if a.enable_hybrid_engine and not self.hybrid:
+            print_rank0("warning: the hybrid engine needs a CUDA GPU; falling back to ZeRO-gathered generate")
+        cfg = self._train_cfg(a.actor_zero_stage)
+        if self.hybrid:
+            he = {"enabled": True, "max_out_tokens": a.max_prompt_seq_len + a.max_answer_seq_len}
+            he.update(inference_tp_size=a.inference_tp_size, release_inference_cache=a.release_inference_cache)
+            he.update(pin_parameters=not a.unpin_actor_parameters, tp_gather_partition_size=a.tp_gather_partition_size)
+            cfg["hybrid_engine"] = he
+        model = common.load_model(actor, tokenizer, dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg)
+        self.actor = self._trained(model, model, cfg, total_updates, "actor")
+        if self.hybrid:
+            self.hybrid = common.probe_hybrid_engine(self.actor, tokenizer, self.device)
+        ref = common.load_model(actor, tokenizer, dropout=0.0)  # a frozen copy of the actor
+        self.ref = self._frozen(ref, a.actor_zero_stage, a.offload_reference_model)
+        self.critic = self.reward = self.reward_stats = None  # critic-free estimators have no critic
+        if critic:
+            cfg = self._train_cfg(a.critic_zero_stage)
+            model, _ = common.load_reward_model(critic, tokenizer, a.critic_dropout, a.critic_zero_stage, cfg)
+            self.critic = self._trained(model, model.backbone, cfg, total_updates, "critic")
+        if reward:  # else --reward_fn scores the answers
+            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, dropout=0.0)
+            self.reward = self._frozen(reward_model, a.critic_zero_stage, a.offload_reward_model)
+        self.reward_fn = load_reward_fn(a.reward_fn, a.data_path) if a.reward_fn else None
+        self.ema = EMA(self.actor.module) if a.enable_ema else None
 
     def _train_cfg(self, stage):
         a = self.args
         board = (a.tensorboard_path, "step3_ppo") if a.enable_tensorboard else None
-        return common.ds_config(stage, a.dtype, a.per_device_training_batch_size, a.gradient_accumulation_steps, a.offload, tensorboard=board)
+        micro, accum = a.per_device_training_batch_size, a.gradient_accumulation_steps
+        return common.ds_config(stage, a.dtype, micro, accum, a.offload, tensorboard=board)
 
-    def _engine(self, model, cfg, lr, weight_decay, lora_lr):
+    def _trained(self, model, backbone, cfg, total_updates, role):
+        """LoRA, gradient checkpointing, optimizer and schedule for the actor or critic (flags --<role>_...)."""
         import deepspeed
         from transformers import get_scheduler
 
-        optimizer = common.make_optimizer(model, lr, weight_decay, lora_lr, self.args.offload)
-        scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer, self.args.num_warmup_steps, self.total_updates)
+        a, flag = self.args, lambda name: getattr(self.args, f"{role}_{name}")
+        if flag("lora_dim"):
+            module = flag("lora_module_name") or common.default_lora_module(backbone)
+            common.convert_to_lora(backbone, module, flag("lora_dim"), f"--{role}_lora_module_name")
+            if a.only_optimize_lora:
+                common.only_optimize_lora(backbone)
+        if flag("gradient_checkpointing"):
+            backbone.gradient_checkpointing_enable()
+        lrs = (flag("learning_rate"), flag("weight_decay"), flag("lora_learning_rate"))
+        optimizer = common.make_optimizer(model, *lrs, a.offload)
+        scheduler = get_scheduler(a.lr_scheduler_type, optimizer, a.num_warmup_steps, total_updates)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         return engine
-
-    def _lora(self, model, dim, module_name, flag):
-        if dim:
-            common.convert_to_lora(model, module_name or common.default_lora_module(model), dim, flag)
-            if self.args.only_optimize_lora:
-                common.only_optimize_lora(model)
-
-    def _init_actor(self, path):
-        a = self.args
-        cfg = self._train_cfg(a.actor_zero_stage)
-        self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available()
-        if a.enable_hybrid_engine and not self.hybrid:
-            print_rank0("warning: the hybrid engine needs a CUDA GPU; falling back to ZeRO-gathered generate")
-        if self.hybrid:
-            sizes = (a.max_prompt_seq_len + a.max_answer_seq_len, a.inference_tp_size, a.release_inference_cache)
-            cfg["hybrid_engine"] = common.hybrid_engine_config(*sizes, not a.unpin_actor_parameters, a.tp_gather_partition_size)
-        model = common.load_model(path, self.tokenizer, dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg)
-        self._lora(model, a.actor_lora_dim, a.actor_lora_module_name, "--actor_lora_module_name")
-        if a.actor_gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        engine = self._engine(model, cfg, a.actor_learning_rate, a.actor_weight_decay, a.actor_lora_learning_rate)
-        if self.hybrid:
-            self.hybrid = common.probe_hybrid_engine(engine, self.tokenizer, self.device)
-        return engine
-
-    def _init_critic(self, path):
-        a = self.args
-        cfg = self._train_cfg(a.critic_zero_stage)
-        model, _ = common.load_reward_model(path, self.tokenizer, a.critic_dropout, a.critic_zero_stage, cfg)
-        self._lora(model.backbone, a.critic_lora_dim, a.critic_lora_module_name, "--critic_lora_module_name")
-        if a.critic_gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable()
-        return self._engine(model, cfg, a.critic_learning_rate, a.critic_weight_decay, a.critic_lora_learning_rate)
 
     def _frozen(self, model, trained_stage, offload):
         import deepspeed
 
-        model.requires_grad_(False)
-        stage = 3 if trained_stage == 3 or offload else 0
-        cfg = common.ds_config(stage, self.args.dtype, self.args.per_device_training_batch_size, offload=offload, train=False)
-        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        stage, micro = (3 if trained_stage == 3 or offload else 0), self.args.per_device_training_batch_size
+        cfg = common.ds_config(stage, self.args.dtype, micro, offload=offload, train=False)
+        engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=cfg)
         engine.eval()
         return engine
 
 
 class EMA:
-    """Exponential moving average of the actor's parameters, kept in fp32 on rank 0's CPU (DeepSpeed-Chat's
-    --enable_ema, beta 0.992). Collective under ZeRO-3: call on every rank."""
+    """Moving average of the parameters, fp32 on rank 0's CPU (DeepSpeed-Chat's --enable_ema, beta 0.992)."""
 
     def __init__(self, module, beta=0.992):
         self.beta = beta
@@ -633,40 +689,35 @@ class EMA:
         self.shadow = None if params is None else {k: v.float() for k, v in params.items()}
 
     def update(self, module):
-        params = common.gather_params(module)
-        if params is not None:
-            for k, v in params.items():
-                self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
+        for k, v in (common.gather_params(module) or {}).items():
+            self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
 
-    def state_dict(self, module):
-        """Saveable weights (rank 0; None elsewhere), cast back to the model's dtypes, LoRA fused."""
-        if self.shadow is None:
-            return None
+    def state_dict(self, module):  # saveable (rank 0; None elsewhere): the model's dtypes, LoRA fused
         dtypes = {n: p.dtype for n, p in module.named_parameters()}
-        return common.state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
+        return self.shadow and common.state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
 
 
 @torch.no_grad()
-def evaluate(trainer, prompts, texts, checker, references=None):
-    """Greedy answers to held-out prompts: mean reward-model score, exact KL to the reference policy (summed over
-    response tokens), response length, EOS rate; with a checker the ground-truth accuracy, and with reference answers
-    too reward hacking: the share of wrong answers the reward model scores above the correct (reference) answer.
-    Returns (metrics, records); records (all ranks' on each) hold prompt, response, score, kl, correct, reference_score."""
-    import torch.distributed as dist
-
+def evaluate(trainer, held_out, checker):
+    """Greedy answers to held-out prompts: mean score (reward model or --reward_fn), exact KL to the reference summed
+    over the response, length, EOS rate; with a checker ground-truth accuracy, and with a reward model the share hacked
+    (wrong, yet scored above the reference answer). Returns metrics and records (prompt, response, score, kl, ...)."""
     a, tok, dev = trainer.args, trainer.tokenizer, trainer.device
-    judge = checker is not None and references is not None
-    totals, records = dict.fromkeys(["score", "kl", "length", "eos", "correct", "hacked", "n"], 0.0), []
+    prompts, texts, references = held_out["ids"], held_out["texts"], held_out["references"]
+    judge = checker is not None and trainer.engine.reward is not None
+    sums, records = dict.fromkeys(["reward", "kl", "response_length", "eos_rate", "accuracy", "hacked", "n"], 0.0), []
     for idx in data.rank_batches(len(prompts), a.per_device_generation_batch_size):
-        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tok.pad_token_id)
+        batch = prompt_batch(held_out, idx or [0], tok.pad_token_id)  # a rank with none left runs a dummy prompt
         query, query_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         response, mask = trainer.sample(query, query_mask, greedy=True)
-        s = trainer.score(query, query_mask, response, mask, full_kl=True)
+        s = trainer.score(query, query_mask, response, mask, batch["instructions"], full_kl=True)
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
         if judge:  # prompt + reference answer + EOS, right-padded; scored at the last real token like any answer
-            ids = [data.encode_pair(tok, texts[i], references[i], len(prompts[i]) + a.max_answer_seq_len)["input_ids"] for i in idx or [0]]
-            ref_mask = data.pad([[1] * len(x) for x in ids], 0).to(dev)
-            ref_scores = common.end_scores(trainer.engine.reward(data.pad(ids, tok.pad_token_id).to(dev), ref_mask), ref_mask)
+            limit = [len(prompts[i]) + a.max_answer_seq_len for i in idx or [0]]
+            ids = [data.encode_pair(tok, texts[i], references[i], n)["input_ids"] for i, n in zip(idx or [0], limit)]
+            ref_ids, ref_mask = data.pad(ids, tok.pad_token_id).to(dev), data.pad([[1] * len(x) for x in ids], 0)
+            ref_mask = ref_mask.to(dev)
+            ref_scores = common.end_scores(trainer.engine.reward(ref_ids, ref_mask), ref_mask)
         for j, i in enumerate(idx):
             text = tok.decode(data.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
             rec = {"prompt": texts[i], "response": text, "score": s["scores"][j].item(), "kl": s["kl"][j].sum().item()}
@@ -674,105 +725,19 @@ def evaluate(trainer, prompts, texts, checker, references=None):
                 rec["correct"] = bool(checker(texts[i], text))
             if judge:
                 rec["reference_score"] = ref_scores[j].item()
-                totals["hacked"] += not rec["correct"] and rec["score"] > rec["reference_score"]
+                sums["hacked"] += not rec["correct"] and rec["score"] > rec["reference_score"]
             records.append(rec)
-            totals["score"], totals["kl"], totals["n"] = totals["score"] + rec["score"], totals["kl"] + rec["kl"], totals["n"] + 1
-            totals["length"] += mask[j].sum().item()
-            totals["eos"] += has_eos[j].item()
-            totals["correct"] += rec.get("correct", 0)
-    totals = dict(zip(totals, common.all_reduce_sum(list(totals.values()), dev)))
-    n = totals["n"]
-    metrics = {"eval_reward": totals["score"] / n, "eval_kl": totals["kl"] / n}
-    metrics.update(eval_response_length=totals["length"] / n, eval_eos_rate=totals["eos"] / n)
-    if checker is not None:
-        metrics["eval_accuracy"] = totals["correct"] / n
-    if judge:
-        metrics["eval_hacked"] = totals["hacked"] / n
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
+            values = (rec["score"], rec["kl"], mask[j].sum().item(), has_eos[j].item(), rec.get("correct", 0), 1)
+            for key, value in zip(("reward", "kl", "response_length", "eos_rate", "accuracy", "n"), values):
+                sums[key] += value
+    sums = dict(zip(sums, common.all_reduce_sum(list(sums.values()), dev)))
+    drop = {"n"} | (set() if checker is not None else {"accuracy"}) | (set() if judge else {"hacked"})
+    metrics = {f"eval_{k}": v / sums["n"] for k, v in sums.items() if k not in drop}
+    if common.world_size() > 1:
+        gathered = [None] * common.world_size()
+        torch.distributed.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
     return metrics, records
-
-
-def write_jsonl(path, records):
-    if common.rank() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(f"{path}.tmp", path)
-
-
-def save_outputs(engine, tokenizer, args, metrics):
-    """actor/ (+ actor_ema/) as HF causal-LM folders, critic/ as a reward-model folder, args.json, metrics.json."""
-    saved_args = {"args.json": {k: v for k, v in vars(args).items() if k != "split"}}
-    common.save_hf(engine.actor.module, tokenizer, os.path.join(args.output_dir, "actor"), json_files=saved_args)
-    if engine.ema is not None:
-        ema = engine.ema.state_dict(engine.actor.module)
-        common.save_hf(engine.actor.module, tokenizer, os.path.join(args.output_dir, "actor_ema"), saved_args, ema)
-    common.save_reward_model(engine.critic.module, tokenizer, os.path.join(args.output_dir, "critic"), saved_args)
-    if common.rank() == 0:
-        common.write_json(os.path.join(args.output_dir, "args.json"), saved_args["args.json"])
-        common.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-
-
-# ---- checkpoints: written beside, then renamed; `latest` names the newest complete one
-def latest_checkpoint(output_dir):
-    pointer = os.path.join(output_dir, "checkpoints", "latest")
-    if not os.path.isfile(pointer):
-        return None
-    path = os.path.join(output_dir, "checkpoints", open(pointer).read().strip())
-    return path if os.path.isdir(path) else None
-
-
-def save_checkpoint(engine, trainer, args, step, state):
-    """Resumable state after `step` rollouts: both engines (weights, optimizer, scheduler), EMA, each rank's RNG and
-    our counters. Written to a temporary folder, renamed, then `latest` updated."""
-    root = os.path.join(args.output_dir, "checkpoints")
-    name, tmp = f"step_{step}", os.path.join(root, f".tmp_step_{step}")
-    if common.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    common.barrier()
-    engine.actor.save_checkpoint(tmp, tag="actor")
-    engine.critic.save_checkpoint(tmp, tag="critic")
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, f"rng_rank{common.rank()}.pt"))
-    if engine.ema is not None and common.rank() == 0:
-        torch.save(engine.ema.shadow, os.path.join(tmp, "ema.pt"))
-    common.barrier()
-    if common.rank() == 0:
-        counters = {"step": step, "kl_coef": trainer.kl_ctl.value, "skipped": trainer.skipped}
-        common.write_json(os.path.join(tmp, "state.json"), {**state, **counters})
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crash before `latest` moved on
-        os.replace(tmp, os.path.join(root, name))
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for old in os.listdir(root):  # keep only the newest complete checkpoint
-            if old.startswith("step_") and old != name:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    common.barrier()
-
-
-def load_checkpoint(engine, trainer, args):
-    """Restore what save_checkpoint wrote; returns the saved state ({"step", "metrics_start", ...})."""
-    path = latest_checkpoint(args.output_dir)
-    engine.actor.load_checkpoint(path, tag="actor")
-    engine.critic.load_checkpoint(path, tag="critic")
-    state = json.load(open(os.path.join(path, "state.json")))
-    rng = torch.load(os.path.join(path, f"rng_rank{common.rank()}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    if engine.ema is not None and engine.ema.shadow is not None:
-        engine.ema.shadow = torch.load(os.path.join(path, "ema.pt"))
-    trainer.kl_ctl.value, trainer.skipped = state["kl_coef"], state.get("skipped", 0)
-    print_rank0(f"resumed from {path} after step {state['step']}")
-    return state
 
 
 if __name__ == "__main__":

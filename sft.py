@@ -14,6 +14,7 @@ every response ends with the tokenizer's EOS, so the model learns to stop.
 
 Outputs in --output_dir: a Hugging Face model folder, args.json, metrics.json.
 """
+
 import argparse
 import math
 import os
@@ -28,41 +29,55 @@ from common import UserError, print_rank0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Step 1: supervised fine-tuning", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="hub name, local HF folder, or tiny:<model_type>")
-    p.add_argument("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) to blend: hub name, local folder ending in one, local/jsonfile, builtin:sort")
-    p.add_argument("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
-    p.add_argument("--chat_template", action="store_true", help="render prompts with the tokenizer's chat template instead of \"Human: ... Assistant:\" (use the same in all three steps)")
-    p.add_argument("--sft_only_data_path", nargs="*", default=[], help="datasets used in step 1 only (all of their rows)")
-    p.add_argument("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="where the tokenised cache lives")
-    p.add_argument("--output_dir", required=True, help="where the HF model folder, args.json and metrics.json go")
-    p.add_argument("--per_device_train_batch_size", type=int, default=32, help="micro-batch per rank")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=16, help="eval micro-batch per rank")
-    p.add_argument("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
-    p.add_argument("--num_train_epochs", type=int, default=8, help="passes over the phase-1 training data")
-    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr_scheduler_type", default="cosine", help="transformers scheduler name: linear, cosine, constant, ...")
-    p.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    p.add_argument("--seed", type=int, default=1234, help="seed for the data split, shuffling and init")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--dropout", type=float, default=None, help="dropout for every dropout site (default: the model's own)")
-    p.add_argument("--offload", action="store_true", help="ZeRO offload of optimizer (and, at stage 3, parameters) to CPU")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="training precision; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--zero_stage", type=int, default=0, help="ZeRO stage 0-3")
-    p.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0 disables LoRA")
-    p.add_argument("--lora_module_name", default=None, help="LoRA goes on linear layers whose name contains this (default: the family's decoder layers)")
-    p.add_argument("--only_optimize_lora", action="store_true", help="freeze everything but the LoRA weights")
-    p.add_argument("--lora_learning_rate", type=float, default=5e-4, help="learning rate of the LoRA weights")
-    p.add_argument("--train_on_prompt", action="store_true", help="also take the loss on prompt tokens")
-    p.add_argument("--eval_interval", type=int, default=0, help="evaluate every N optimizer steps (0: start and end only)")
-    p.add_argument("--eval_max_new_tokens", type=int, default=64, help="greedy answer length cap for the accuracy eval")
-    p.add_argument("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
-    p.add_argument("--tensorboard_path", default="step1_tensorboard", help="tensorboard output folder")
-    p.add_argument("--print_loss", action="store_true", help="print the loss at every step")
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description="Step 1: supervised fine-tuning", formatter_class=fmt)
+    # ---- training
+    g = p.add_argument_group("training").add_argument
+    g("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    g("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
+    g("--num_train_epochs", type=int, default=8, help="passes over the phase-1 training data")
+    g("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
+    g("--per_device_train_batch_size", type=int, default=32, help="micro-batch per rank")
+    g("--per_device_eval_batch_size", type=int, default=16, help="eval micro-batch per rank")
+    g("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g("--lr_scheduler_type", default="cosine", help="transformers scheduler: linear, cosine, constant, ...")
+    g("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
+    g("--train_on_prompt", action="store_true", help="also take the loss on prompt tokens")
+    g("--seed", type=int, default=1234, help="data split, shuffling and initialisation")
+    # ---- data
+    g = p.add_argument_group("data").add_argument
+    g(
+        "--data_path",
+        nargs="+",
+        default=["builtin:sort"],
+        help="dataset(s) to blend: hub name, folder, file, builtin:sort",
+    )
+    g("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
+    g("--sft_only_data_path", nargs="*", default=[], help="datasets used in step 1 only (all of their rows)")
+    g("--chat_template", action="store_true", help="the tokenizer's chat template (use the same in all steps)")
+    g("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="tokenised cache")
+    g("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
+    # ---- model and memory
+    g = p.add_argument_group("model and memory").add_argument
+    g("--model_name_or_path", required=True, help="hub name, local HF folder, or tiny:<model_type>")
+    g("--output_dir", required=True, help="where the HF model folder, args.json and metrics.json go")
+    g("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, else fp32")
+    g("--zero_stage", type=int, default=0, help="ZeRO stage 0-3")
+    g("--offload", action="store_true", help="optimizer state (and ZeRO-3 parameters) on the CPU")
+    g("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
+    g("--dropout", type=float, default=None, help="dropout for every dropout site (default: the model's own)")
+    g("--lora_dim", type=int, default=0, help="LoRA rank (0: off)")
+    g("--lora_module_name", default=None, help="LoRA target (default: the family's decoder layers)")
+    g("--only_optimize_lora", action="store_true", help="train only the LoRA weights")
+    g("--lora_learning_rate", type=float, default=5e-4, help="learning rate of the LoRA weights")
+    # ---- evaluation and logging
+    g = p.add_argument_group("evaluation and logging").add_argument
+    g("--eval_interval", type=int, default=0, help="evaluate every N optimizer steps (0: start and end only)")
+    g("--eval_max_new_tokens", type=int, default=64, help="greedy answer length cap for the accuracy eval")
+    g("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
+    g("--tensorboard_path", default="step1_tensorboard", help="tensorboard folder")
+    g("--print_loss", action="store_true", help="print the loss at every step")
+    g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -75,17 +90,21 @@ def check_args(args):
     args.split = data.parse_split(args.data_split)
     for path in args.data_path + args.sft_only_data_path:
         data.resolve_source(path)
-    common.check_at_least_one(args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len")
+    common.check_at_least_one(
+        args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len"
+    )
     if args.only_optimize_lora and args.lora_dim == 0:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
 
 
+# ======================================================================================================================
+# ALGO LOGIC: the loss, the data it reads, the evaluation, and the loop in main().
 def response_nll(logits, labels):
     """Summed next-token NLL over labelled tokens and their count. logits [B, T, V], labels [B, T]."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=data.IGNORE_INDEX, reduction="sum")
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1: [B, T-1, V], [B, T-1]
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
     return nll, (labels != data.IGNORE_INDEX).sum()
 
 
@@ -95,9 +114,10 @@ def build_data(args, tokenizer):
     rows = data.phase_rows(args.data_path, args.split, 1, args.seed, chat_tokenizer=chat)
     for path in args.sft_only_data_path:
         rows["train"] += data.phase_rows([path], [1, 0, 0], 1, args.seed, chat_tokenizer=chat)["train"]
-    encode = lambda r: {**data.encode_pair(tokenizer, r["prompt"], r["response"], args.max_seq_len, args.train_on_prompt), "prompt": r["prompt"]}  # noqa: E731
-    return data.build_cached("sft", rows, tokenizer, args.data_output_path, encode,
-                             max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt)
+    pair = lambda r: data.encode_pair(tokenizer, r["prompt"], r["response"], args.max_seq_len, args.train_on_prompt)
+    encode = lambda r: {**pair(r), "prompt": r["prompt"]}
+    lengths = {"max_seq_len": args.max_seq_len, "train_on_prompt": args.train_on_prompt}
+    return data.build_cached("sft", rows, tokenizer, args.data_output_path, encode, **lengths)
 
 
 @torch.no_grad()
@@ -105,12 +125,12 @@ def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, devic
     """Greedy answers for this rank's share of `prompts` (lists of token ids) as {index: text}."""
     answers = {}
     for idx in data.rank_batches(len(prompts), batch_size):
-        batch = data.collate_prompts([{"prompt_ids": prompts[i]} for i in idx or [0]], tokenizer.pad_token_id)
-        out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=zero3 and common.world_size() > 1)
-        width = batch["input_ids"].shape[1]
-        for i, row in zip(idx, out[:, width:].tolist()):
+        batch = data.collate_prompts([prompts[i] for i in idx or [0]], tokenizer.pad_token_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        kw["synced_gpus"] = zero3 and common.world_size() > 1
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, **kw)
+        for i, row in zip(idx, out[:, ids.shape[1] :].tolist()):  # the generated tokens: [B, new]
             answers[i] = tokenizer.decode(data.cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
     return answers
 
@@ -128,8 +148,8 @@ def evaluate(engine, loader, prompts, checker, tokenizer, args, device):
     nll, count = common.all_reduce_sum([nll, count], device)
     out = {"eval_loss": nll / count, "eval_perplexity": math.exp(min(nll / count, 50))}
     if checker is not None:
-        answers = greedy_generate(engine.module, tokenizer, [tokenizer(p)["input_ids"] for p in prompts],
-                                         args.per_device_eval_batch_size, args.eval_max_new_tokens, device, args.zero_stage == 3)
+        sizes = (args.per_device_eval_batch_size, args.eval_max_new_tokens, device, args.zero_stage == 3)
+        answers = greedy_generate(engine.module, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], *sizes)
         hits = [checker(prompts[i], a) for i, a in answers.items()]
         correct, total = common.all_reduce_sum([sum(hits), len(hits)], device)
         out["eval_accuracy"] = correct / total
@@ -139,8 +159,7 @@ def evaluate(engine, loader, prompts, checker, tokenizer, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.init_distributed()
-    common.set_seed(args.seed)
+    device = common.init_distributed(args.seed)
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import get_scheduler
@@ -150,42 +169,46 @@ def main(argv=None):
 
     # ---- data: phase 1 of every --data_path (plus --sft_only_data_path), before the model loads
     sets = build_data(args, tokenizer)
-    collate = lambda b: data.collate_sft(b, tokenizer.pad_token_id)  # noqa: E731
-    cols = ["input_ids", "labels"]
-    train_set, eval_set = sets["train"].select_columns(cols), sets["eval"].select_columns(cols)
+    collate = lambda b: data.collate_sft(b, tokenizer.pad_token_id)
+    train_set, eval_set = (sets[part].select_columns(["input_ids", "labels"]) for part in ("train", "eval"))
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collate)
-    eval_loader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collate,
-                             sampler=DistributedSampler(eval_set, shuffle=False))
+    train_loader = DataLoader(train_set, args.per_device_train_batch_size, sampler=sampler, collate_fn=collate)
+    eval_sampler = DistributedSampler(eval_set, shuffle=False)
+    eval_loader = DataLoader(eval_set, args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=collate)
     checker = data.checker_for(args.data_path)
     eval_prompts = sets["eval"]["prompt"] if checker else []
 
     # ---- batch hierarchy: micro-batch per rank x accumulation x ranks = global batch per optimizer step
-    world = common.world_size()
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    world, micro, accum = common.world_size(), args.per_device_train_batch_size, args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
-    print_rank0(f"sft: model {args.model_name_or_path}, data {' '.join(args.data_path)}: {len(train_set)} train / {len(eval_set)} eval rows, "
-                f"micro-batch {args.per_device_train_batch_size} x accum {args.gradient_accumulation_steps} x ranks {world} "
-                f"= global batch {global_batch}, {total_steps} steps, zero {args.zero_stage}, {args.dtype}")
+    print_rank0(
+        f"sft: model {args.model_name_or_path}, data {' '.join(args.data_path)}: {len(train_set)} train / "
+        f"{len(eval_set)} eval rows, micro-batch {micro} x accum {accum} x ranks {world} = global batch "
+        f"{micro * accum * world}, {total_steps} steps, zero {args.zero_stage}, {args.dtype}"
+    )
 
     # ---- model: LoRA, optimizer, schedule, DeepSpeed engine
-    ds_cfg = common.ds_config(args.zero_stage, args.dtype, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                              args.offload, tensorboard=(args.tensorboard_path, "step1_sft") if args.enable_tensorboard else None)
-    model = common.load_model(args.model_name_or_path, tokenizer, dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg)
+    board = (args.tensorboard_path, "step1_sft") if args.enable_tensorboard else None
+    ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, tensorboard=board)
+    model = common.load_model(
+        args.model_name_or_path, tokenizer, dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg
+    )
     if args.lora_dim > 0:
         common.convert_to_lora(model, args.lora_module_name or common.default_lora_module(model), args.lora_dim)
         if args.only_optimize_lora:
             common.only_optimize_lora(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = common.make_optimizer(model, args.learning_rate, args.weight_decay, args.lora_learning_rate, args.offload)
+    lrs = (args.learning_rate, args.weight_decay, args.lora_learning_rate)
+    optimizer = common.make_optimizer(model, *lrs, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
+    eval_args = (engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
 
     # ---- loop
-    metrics = {f"{k}_start": v for k, v in evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device).items()}
+    metrics = {f"{k}_start": v for k, v in evaluate(*eval_args).items()}
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
     step, epoch, t0, seen, skipped = 0, 0, time.time(), 0, 0
@@ -205,25 +228,30 @@ def main(argv=None):
             step += 1
             if step % log_every == 0 or step == total_steps:
                 lr = engine.get_lr()[0]
-                print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {seen / (time.time() - t0):.1f} samples/s")
+                speed = seen / (time.time() - t0)
+                print_rank0(f"step {step}/{total_steps} | loss {loss.item():.4f} | lr {lr:.2e} | {speed:.1f} samples/s")
                 log.write(step, {"loss": loss.item(), "lr": lr, "skipped": skipped})
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("train/loss", loss.item(), step), ("train/lr", lr, step)])
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                mid = evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
+                mid = evaluate(*eval_args)
                 log.write(step, mid)
                 print_rank0(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
             if step >= total_steps:
                 break
         epoch += 1
     metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
-    end = evaluate(engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
+    end = evaluate(*eval_args)
     metrics.update(end)
-    print_rank0("eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s")
+    print_rank0(
+        "eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s"
+    )
 
     # ---- save: HF folder (ZeRO-3 gathered, LoRA fused) + args + metrics
-    common.save_hf(engine.module, tokenizer, args.output_dir,
-                   json_files={"args.json": {k: v for k, v in vars(args).items() if k != "split"}, "metrics.json": metrics})
+    saved_args = {k: v for k, v in vars(args).items() if k != "split"}
+    common.save_hf(
+        engine.module, tokenizer, args.output_dir, json_files={"args.json": saved_args, "metrics.json": metrics}
+    )
     print_rank0(f"saved {args.output_dir}")
 
 

@@ -14,6 +14,7 @@ time) and rotate ("rotate: c a d" -> "a d c", first item moved to the end; on 5+
 the moved one 60% of the time). No prompt occurs in two files or twice in prompts.jsonl, so the held-out
 tenth of prompts.jsonl (step 3's eval split) is never trained on.
 """
+
 import collections
 import json
 import os
@@ -101,7 +102,9 @@ def rows(task, seed=0):
                     demo = _swap(answer, rng.randrange(len(answer) - 1))
                 out[part].append({"prompt": prompt, "response": " ".join(demo)})
             elif part == "pairs":
-                out[part].append({"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(corrupt(rng, answer))})
+                out[part].append(
+                    {"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(corrupt(rng, answer))}
+                )
             else:  # step 3 needs only the prompt; the reference answer lets step 3 count reward hacking
                 out[part].append({"prompt": prompt, "chosen": " ".join(answer)})
     return out

@@ -1,7 +1,7 @@
 """Run the whole pipeline (train.py: steps 1-3) for several seeds and torch thread counts and print one row per
 run plus mean / min / max: what a new user on another machine can expect, not one lucky run.
 
-    python scripts/sweep.py --seeds 1 2 3 4 5 --threads 1 2               # the README table (10 runs, ~70 min on 2 cores)
+    python scripts/sweep.py --seeds 1 2 3 4 5 --threads 1 2               # the README table (10 runs)
     python scripts/sweep.py --seeds 1234 --threads 1 2                    # the default seed, 1 and 2 threads
     python scripts/sweep.py --seeds 1 2 --task reverse                    # a list task given as three local JSONL files
     python scripts/sweep.py --seeds 1 -- --step3-args "--kl_coef 0.2"     # anything after -- goes to train.py
@@ -16,6 +16,7 @@ clean = SFT accuracy on the lists where the demonstrator makes no systematic err
 reward model scores above the correct one; KL = exact KL to the SFT policy summed over the response; s1-s3 = seconds
 per stage.
 """
+
 import argparse
 import json
 import os
@@ -29,14 +30,20 @@ sys.path.insert(0, ROOT)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="train.py --seed values")
     p.add_argument("--threads", nargs="+", type=int, default=[2], help="torch intra-op thread counts (OMP_NUM_THREADS)")
-    p.add_argument("--task", default="sort", help="sort (builtin:sort) or a list task of scripts/list_tasks.py given as JSONL files")
+    p.add_argument(
+        "--task",
+        default="sort",
+        help="sort (builtin:sort) or a list task of scripts/list_tasks.py given as JSONL files",
+    )
     p.add_argument("--output-dir", default="sweep", help="one folder per run below this")
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
     return args
 
@@ -44,14 +51,21 @@ def parse_args(argv=None):
 def task_setup(args):
     """(train.py flags, checker, systematic) for --task: builtin:sort, or three JSONL files written once."""
     import builtin
+
     if args.task == "sort":
         return [], builtin.sort_check, lambda prompt: builtin.sort_systematic(prompt)
     import list_tasks
+
     folder = os.path.join(args.output_dir, f"data_{args.task}")
     files = list_tasks.write_task(args.task, folder)
-    flags = ["--step1-args", f"--data_path {files['demos']} --data_split 10,0,0",
-             "--step2-args", f"--data_path {files['pairs']} --data_split 0,10,0",
-             "--step3-args", f"--data_path {files['prompts']} --data_split 0,0,10"]
+    flags = [
+        "--step1-args",
+        f"--data_path {files['demos']} --data_split 10,0,0",
+        "--step2-args",
+        f"--data_path {files['pairs']} --data_split 0,10,0",
+        "--step3-args",
+        f"--data_path {files['prompts']} --data_split 0,0,10",
+    ]
     task = list_tasks.TASKS[args.task]
     return flags, task.check, task.systematic
 
@@ -81,34 +95,64 @@ def summarise(folder, checker, systematic):
     if not os.path.isfile(os.path.join(step[3], "metrics.json")):
         return None
     m2, m3 = (json.load(open(os.path.join(step[i], "metrics.json"))) for i in (2, 3))
-    before, after = (read_jsonl(os.path.join(step[3], f)) for f in ("eval_generations_start.jsonl", "eval_generations.jsonl"))
-    right = lambda rows: [checker(r["prompt"], r["response"]) for r in rows]  # noqa: E731
+    before, after = (
+        read_jsonl(os.path.join(step[3], f)) for f in ("eval_generations_start.jsonl", "eval_generations.jsonl")
+    )
+    right = lambda rows: [checker(r["prompt"], r["response"]) for r in rows]
     sft, rlhf = right(before), right(after)
     clean = [ok for r, ok in zip(before, sft) if not systematic(r["prompt"])]
-    times = json.load(open(os.path.join(folder, "seconds.json"))) if os.path.isfile(os.path.join(folder, "seconds.json")) else {}
-    row = {"rm": m2["eval_accuracy"], "sft": sum(sft) / len(sft), "rlhf": sum(rlhf) / len(rlhf),
-           "clean": sum(clean) / max(len(clean), 1), "kl": m3["eval_kl"], "eos": m3["eval_eos_rate"],
-           "hacked": sum(1 for r, ok in zip(after, rlhf) if not ok and r.get("reference_score") is not None
-                         and r["score"] > r["reference_score"]) / len(after),
-           "s1": times.get("1"), "s2": times.get("2"), "s3": times.get("3")}
+    times = (
+        json.load(open(os.path.join(folder, "seconds.json")))
+        if os.path.isfile(os.path.join(folder, "seconds.json"))
+        else {}
+    )
+    row = {
+        "rm": m2["eval_accuracy"],
+        "sft": sum(sft) / len(sft),
+        "rlhf": sum(rlhf) / len(rlhf),
+        "clean": sum(clean) / max(len(clean), 1),
+        "kl": m3["eval_kl"],
+        "eos": m3["eval_eos_rate"],
+        "hacked": sum(
+            1
+            for r, ok in zip(after, rlhf)
+            if not ok and r.get("reference_score") is not None and r["score"] > r["reference_score"]
+        )
+        / len(after),
+        "s1": times.get("1"),
+        "s2": times.get("2"),
+        "s3": times.get("3"),
+    }
     row["gain"] = 100 * (row["rlhf"] - row["sft"])
     return row
 
 
-COLUMNS = [("rm", "RM acc", "{:.3f}"), ("sft", "SFT", "{:.1%}"), ("rlhf", "RLHF", "{:.1%}"), ("gain", "gain", "{:+.1f}"),
-           ("clean", "SFT clean", "{:.1%}"), ("hacked", "hacked", "{:.1%}"), ("kl", "KL", "{:.2f}"), ("eos", "EOS", "{:.2f}"),
-           ("s1", "s1", "{:.0f}"), ("s2", "s2", "{:.0f}"), ("s3", "s3", "{:.0f}")]
+COLUMNS = [
+    ("rm", "RM acc", "{:.3f}"),
+    ("sft", "SFT", "{:.1%}"),
+    ("rlhf", "RLHF", "{:.1%}"),
+    ("gain", "gain", "{:+.1f}"),
+    ("clean", "SFT clean", "{:.1%}"),
+    ("hacked", "hacked", "{:.1%}"),
+    ("kl", "KL", "{:.2f}"),
+    ("eos", "EOS", "{:.2f}"),
+    ("s1", "s1", "{:.0f}"),
+    ("s2", "s2", "{:.0f}"),
+    ("s3", "s3", "{:.0f}"),
+]
 
 
 def table(rows):
     """Markdown table: one row per run, then mean / min / max of every column."""
-    fmt = lambda key, f, v: "n/a" if v is None else f.format(v)  # noqa: E731
+    fmt = lambda key, f, v: "n/a" if v is None else f.format(v)
     lines = ["| run | " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(fmt(k, f, r[k]) for k, _, f in COLUMNS) + " |")
     for label, agg in (("mean", statistics.mean), ("min", min), ("max", max)):
-        vals = [agg([r[k] for _, r in rows if r[k] is not None]) if any(r[k] is not None for _, r in rows) else None
-                for k, _, _ in COLUMNS]
+        vals = [
+            agg([r[k] for _, r in rows if r[k] is not None]) if any(r[k] is not None for _, r in rows) else None
+            for k, _, _ in COLUMNS
+        ]
         lines.append(f"| **{label}** | " + " | ".join(fmt(k, f, v) for (k, _, f), v in zip(COLUMNS, vals)) + " |")
     return "\n".join(lines)
 
@@ -125,8 +169,15 @@ def main(argv=None):
             folder = os.path.join(args.output_dir, name)
             row = summarise(folder, checker, systematic)
             if row is None:
-                cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--seed", str(seed), "--output-dir", folder,
-                       *merge_step_args(flags, args.extra)]
+                cmd = [
+                    sys.executable,
+                    os.path.join(ROOT, "train.py"),
+                    "--seed",
+                    str(seed),
+                    "--output-dir",
+                    folder,
+                    *merge_step_args(flags, args.extra),
+                ]
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
                 print(f"[sweep] {name}: {' '.join(cmd)}", flush=True)
                 t0 = time.time()

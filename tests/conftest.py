@@ -1,5 +1,6 @@
 """Shared fixtures. Tiny models and tokenised caches go to a per-session folder, so the suite is
 hermetic; helpers run a stage as a subprocess exactly as a user would."""
+
 import os
 import subprocess
 import sys
@@ -19,18 +20,36 @@ def cache_dir(tmp_path_factory):
 
 def run_stage(args, cwd=ROOT, launcher=None, timeout=600, check=True):
     """Run `python <args>` (or `deepspeed --num_gpus N <args>`) and return the CompletedProcess."""
-    cmd = ([sys.executable] if launcher is None else [os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-                                                       "--num_gpus", str(launcher), "--master_port", str(_port())])
+    cmd = (
+        [sys.executable]
+        if launcher is None
+        else [
+            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+            "--num_gpus",
+            str(launcher),
+            "--master_port",
+            str(_port()),
+        ]
+    )
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd + [os.path.join(ROOT, args[0])] + list(args[1:]), cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd + [os.path.join(ROOT, args[0])] + list(args[1:]),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd + list(args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd + list(args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
 def _port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,7 +59,7 @@ def assert_one_line_error(proc, *fragments):
     """A bad-input run exits 2 with a single `error: ...` line naming the flag/file, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-2000:]
     for f in fragments:
         assert f in lines[0], lines[0]

@@ -1,5 +1,6 @@
 """Every bad input a user can give, through the command line as they give it: exit status 2, one line
 `error: <flag or file>: <what is wrong>`, no traceback, and no output folder left behind."""
+
 import json
 import shutil
 
@@ -9,9 +10,31 @@ import builtin
 from conftest import assert_one_line_error, run_stage
 from hub_copies import write_records
 
-PPO = ["ppo.py", "--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "8",
-       "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8"]
+PPO = [
+    "ppo.py",
+    "--actor",
+    "tiny:gpt2",
+    "--reward",
+    "tiny:gpt2",
+    "--per_device_generation_batch_size",
+    "8",
+    "--per_device_training_batch_size",
+    "4",
+    "--max_answer_seq_len",
+    "8",
+]
 SFT = ["sft.py", "--model_name_or_path", "tiny:gpt2"]
+PPO_FN = [*PPO[:3], *PPO[5:], "--reward_fn"]  # no --reward
+
+
+def _rows(tmp):
+    write_records(str(tmp / "rows.jsonl"), [{"prompt": "Q", "chosen": "A"}] * 10)
+    return str(tmp / "rows.jsonl")
+
+
+def _reward_file(tmp):
+    (tmp / "rewards.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    return str(tmp / "rewards.py")
 
 
 def _missing_column(tmp):
@@ -35,27 +58,64 @@ def _no_eos(tmp):
 
 # case -> (command from tmp_path, fragments the one error line must hold)
 CASES = {
-    "model path that does not exist": (lambda t: ["sft.py", "--model_name_or_path", str(t / "missing")],
-                                       ["--model_name_or_path", "missing: no such model folder"]),
-    "hub model name that does not resolve": (lambda t: ["reward.py", "--model_name_or_path", "nobody/no-such-model-xyz"],
-                                             ["--model_name_or_path nobody/no-such-model-xyz"]),
-    "dataset that does not exist": (lambda t: [*SFT, "--data_path", "no/such-dataset"], ["--data_path no/such-dataset: unknown dataset"]),
+    "model path that does not exist": (
+        lambda t: ["sft.py", "--model_name_or_path", str(t / "missing")],
+        ["--model_name_or_path", "missing: no such model folder"],
+    ),
+    "hub model name that does not resolve": (
+        lambda t: ["reward.py", "--model_name_or_path", "nobody/no-such-model-xyz"],
+        ["--model_name_or_path nobody/no-such-model-xyz"],
+    ),
+    "dataset that does not exist": (
+        lambda t: [*SFT, "--data_path", "no/such-dataset"],
+        ["--data_path no/such-dataset: unknown dataset"],
+    ),
     "local file missing a column": (_missing_column, ["rows.jsonl: missing column(s) prompt"]),
     "data empty after filtering (blank rows)": (_blank_rows, ["rows.jsonl: no usable train rows"]),
-    "data empty after filtering (prompt length)": (lambda t: [*PPO, "--max_prompt_seq_len", "4"], ["--max_prompt_seq_len 4: no train prompt"]),
+    "data empty after filtering (prompt length)": (
+        lambda t: [*PPO, "--max_prompt_seq_len", "4"],
+        ["--max_prompt_seq_len 4: no train prompt"],
+    ),
     "malformed --data_split": (lambda t: [*SFT, "--data_split", "2,4"], ["--data_split '2,4'"]),
     "--zero_stage outside 0-3": (lambda t: [*SFT, "--zero_stage", "4"], ["--zero_stage 4"]),
     "--critic_zero_stage outside 0-3": (lambda t: [*PPO, "--critic_zero_stage", "-1"], ["--critic_zero_stage -1"]),
     "--dtype fp16 without a GPU": (lambda t: [*SFT, "--dtype", "fp16"], ["--dtype fp16 needs a GPU"]),
-    "--lora_module_name matching no layer": (lambda t: [*SFT, "--lora_dim", "4", "--lora_module_name", "nothing_like_this"],
-                                             ["--lora_module_name 'nothing_like_this': matches no linear layer"]),
-    "--inference_tp_size > 1 without actor ZeRO-3": (lambda t: [*PPO, "--inference_tp_size", "2"], ["--inference_tp_size", "--actor_zero_stage 3"]),
-    "batch sizes that do not divide": (lambda t: [*PPO, "--per_device_generation_batch_size", "6"],
-                                       ["--per_device_generation_batch_size x --generation_batches (6)", "multiple of"]),
-    "--output_dir that cannot be written": (lambda t: [*SFT, "--output_dir", "/proc/no/such"], ["--output_dir /proc/no/such: cannot be created"]),
+    "--lora_module_name matching no layer": (
+        lambda t: [*SFT, "--lora_dim", "4", "--lora_module_name", "nothing_like_this"],
+        ["--lora_module_name 'nothing_like_this': matches no linear layer"],
+    ),
+    "--inference_tp_size > 1 without actor ZeRO-3": (
+        lambda t: [*PPO, "--inference_tp_size", "2"],
+        ["--inference_tp_size", "--actor_zero_stage 3"],
+    ),
+    "batch sizes that do not divide": (
+        lambda t: [*PPO, "--per_device_generation_batch_size", "6"],
+        ["--per_device_generation_batch_size x --generation_batches x --n_samples_per_prompt (6)", "multiple of"],
+    ),
+    "--output_dir that cannot be written": (
+        lambda t: [*SFT, "--output_dir", "/proc/no/such"],
+        ["--output_dir /proc/no/such: cannot be created"],
+    ),
     "--resume with no checkpoint": (lambda t: [*PPO, "--resume"], ["--resume: no checkpoint"]),
     "tokenizer with no EOS": (_no_eos, ["--model_name_or_path", "no-eos: its tokenizer has no EOS token"]),
-    "--chat_template with a tokenizer that has none": (lambda t: [*SFT, "--chat_template"], ["--chat_template", "has no chat template"]),
+    "--chat_template with a tokenizer that has none": (
+        lambda t: [*SFT, "--chat_template"],
+        ["--chat_template", "has no chat template"],
+    ),
+    "group estimator with one sample per prompt": (
+        lambda t: [*PPO, "--advantage_estimator", "grpo"],
+        ["--advantage_estimator grpo: needs --n_samples_per_prompt 2 or more"],
+    ),
+    "both --reward and --reward_fn": (lambda t: [*PPO, "--reward_fn", "checker"], ["--reward or --reward_fn"]),
+    "--reward_fn checker on data without a checker": (
+        lambda t: [*PPO_FN, "checker", "--data_path", _rows(t)],
+        ["--reward_fn checker", "has no ground-truth checker"],
+    ),
+    "--reward_fn file that does not exist": (lambda t: [*PPO_FN, "nowhere.py:score"], ["--reward_fn nowhere.py:score"]),
+    "--reward_fn function that does not exist": (
+        lambda t: [*PPO_FN, _reward_file(t) + ":nothing"],
+        ["--reward_fn", "has no function 'nothing'"],
+    ),
 }
 
 

@@ -51,7 +51,8 @@ def test_lora_module_name_matching_nothing_is_refused():
 
 def test_only_optimize_lora_freezes_the_rest():
     model, _ = _model("opt")
-    common.only_optimize_lora(common.convert_to_lora(model, "layers.", 2))
+    common.convert_to_lora(model, "layers.", 2)
+    common.only_optimize_lora(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 

@@ -46,7 +46,11 @@ def test_phase_split_is_deterministic_disjoint_and_complete():
     parts = [data.phase_indices(1000, [2, 4, 4], ph, seed=7) for ph in (1, 2, 3)]
     assert [len(p) for p in parts] == [200, 400, 400]
     assert set(parts[0]) | set(parts[1]) | set(parts[2]) == set(range(1000))
-    assert not (set(parts[0]) & set(parts[1])) and not (set(parts[1]) & set(parts[2])) and not (set(parts[0]) & set(parts[2]))
+    assert (
+        not (set(parts[0]) & set(parts[1]))
+        and not (set(parts[1]) & set(parts[2]))
+        and not (set(parts[0]) & set(parts[2]))
+    )
     assert parts[2] == data.phase_indices(1000, [2, 4, 4], 3, seed=7)
     assert parts[2] != data.phase_indices(1000, [2, 4, 4], 3, seed=8)
     assert data.phase_indices(10, [1, 0, 0], 2, seed=1) == []
@@ -73,8 +77,11 @@ def test_sort_demo_pairs_are_right_and_demonstrations_imperfect():
     assert not any(builtin.sort_check(r["prompt"], r["rejected"]) for r in rows)
     long_rows = [r for r in rows if len(r["chosen"].split()) >= builtin.SORT_LONG]
     short_rows = [r for r in rows if len(r["chosen"].split()) < builtin.SORT_LONG]
-    wrong = lambda rs: sum(not builtin.sort_check(r["prompt"], r["response"]) for r in rs) / len(rs)  # noqa: E731
-    assert abs(wrong(long_rows) - (builtin.SORT_P_SYSTEMATIC + (1 - builtin.SORT_P_SYSTEMATIC) * builtin.SORT_P_NOISE)) < 0.05
+    wrong = lambda rs: sum(not builtin.sort_check(r["prompt"], r["response"]) for r in rs) / len(rs)
+    assert (
+        abs(wrong(long_rows) - (builtin.SORT_P_SYSTEMATIC + (1 - builtin.SORT_P_SYSTEMATIC) * builtin.SORT_P_NOISE))
+        < 0.05
+    )
     assert abs(wrong(short_rows) - builtin.SORT_P_NOISE) < 0.03
 
 
@@ -96,15 +103,26 @@ def test_local_folder_ending_in_hub_name_resolves(tmp_path):
 
 def test_rm_static_local_copy_loads_through_its_adapter(tmp_path):
     import datasets
+
     folder = tmp_path / "Dahoas" / "rm-static" / "data"
     folder.mkdir(parents=True)
-    row = {"prompt": "\n\nHuman: How are you?\n\nAssistant:", "response": " Fine.", "chosen": " Fine.", "rejected": " Go away."}
+    row = {
+        "prompt": "\n\nHuman: How are you?\n\nAssistant:",
+        "response": " Fine.",
+        "chosen": " Fine.",
+        "rejected": " Go away.",
+    }
     datasets.Dataset.from_list([row] * 10).to_parquet(str(folder / "train-00000-of-00001.parquet"))
     datasets.Dataset.from_list([row] * 4).to_parquet(str(folder / "test-00000-of-00001.parquet"))
     rows = data.phase_rows([str(folder.parent)], [1, 0, 0], 1, seed=1)
     assert len(rows["train"]) == 10 and len(rows["eval"]) == 4
-    assert rows["train"][0] == {"prompt": "Human: How are you?\n\nAssistant:", "chosen": " Fine.", "rejected": " Go away.", "response": " Fine.",
-                                "messages": [{"role": "user", "content": "How are you?"}]}
+    assert rows["train"][0] == {
+        "prompt": "Human: How are you?\n\nAssistant:",
+        "chosen": " Fine.",
+        "rejected": " Go away.",
+        "response": " Fine.",
+        "messages": [{"role": "user", "content": "How are you?"}],
+    }
 
 
 def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
@@ -112,7 +130,9 @@ def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.json").write_text('[{"prompt": "hi", "rejected": "no"}]')
     (tmp_path / "data" / "eval.json").write_text('[{"prompt": "hi", "chosen": "yes", "rejected": "no"}]')
-    with pytest.raises(UserError, match=r"--data_path local/jsonfile \(./data/train.json\): missing column\(s\) chosen"):
+    with pytest.raises(
+        UserError, match=r"--data_path local/jsonfile \(./data/train.json\): missing column\(s\) chosen"
+    ):
         data.phase_rows(["local/jsonfile"], [1, 1, 1], 1, seed=1)
 
 

@@ -1,5 +1,6 @@
 """Every tiny:<model_type> family through all three steps, with and without LoRA (default target layers
 of each family), in one process per family to keep it fast."""
+
 import json
 import os
 import subprocess
@@ -15,16 +16,20 @@ import json, os, sys
 import ppo, reward, sft
 family = sys.argv[1]
 small = ['--max_steps', '2', '--data_split', '8,1,1']
-sft.main(['--model_name_or_path', f'tiny:{family}', *small, '--per_device_train_batch_size', '4', '--eval_max_new_tokens', '4',
+sft_small = ['--per_device_train_batch_size', '4', '--eval_max_new_tokens', '4']
+sft.main(['--model_name_or_path', f'tiny:{family}', *small, *sft_small,
           '--output_dir', 's1'])
-sft.main(['--model_name_or_path', f'tiny:{family}', *small, '--per_device_train_batch_size', '4', '--eval_max_new_tokens', '4',
+sft.main(['--model_name_or_path', f'tiny:{family}', *small, *sft_small,
           '--lora_dim', '4', '--only_optimize_lora', '--output_dir', 's1_lora'])
 reward.main(['--model_name_or_path', 's1', *small, '--per_device_train_batch_size', '4', '--output_dir', 's2'])
-reward.main(['--model_name_or_path', 's1', *small, '--per_device_train_batch_size', '4', '--lora_dim', '4', '--output_dir', 's2_lora'])
-common = ['--actor', 's1', '--reward', 's2', '--max_steps', '1', '--data_split', '8,1,1', '--per_device_generation_batch_size', '8',
+reward.main(['--model_name_or_path', 's1', *small, '--per_device_train_batch_size', '4', '--lora_dim', '4',
+             '--output_dir', 's2_lora'])
+common = ['--actor', 's1', '--reward', 's2', '--max_steps', '1', '--data_split', '8,1,1',
+          '--per_device_generation_batch_size', '8',
           '--per_device_training_batch_size', '4', '--max_answer_seq_len', '6']
 ppo.main([*common, '--output_dir', 's3'])
-ppo.main([*common, '--actor_lora_dim', '4', '--critic_lora_dim', '4', '--only_optimize_lora', '--output_dir', 's3_lora'])
+ppo.main([*common, '--actor_lora_dim', '4', '--critic_lora_dim', '4', '--only_optimize_lora',
+          '--output_dir', 's3_lora'])
 for out in ('s1', 's1_lora', 's2', 's2_lora', 's3', 's3_lora'):
     print('METRICS', out, json.dumps(json.load(open(os.path.join(out, 'metrics.json')))))
 """
@@ -32,10 +37,20 @@ for out in ('s1', 's1_lora', 's2', 's2_lora', 's3', 's3_lora'):
 
 @pytest.mark.parametrize("family", sorted(builtin.TINY_FAMILIES))
 def test_family_runs_all_three_steps_with_and_without_lora(family, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", DRIVER, family], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, family],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    metrics = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in proc.stdout.splitlines() if line.startswith("METRICS")}
+    metrics = {
+        line.split()[1]: json.loads(line.split(" ", 2)[2])
+        for line in proc.stdout.splitlines()
+        if line.startswith("METRICS")
+    }
     assert set(metrics) == {"s1", "s1_lora", "s2", "s2_lora", "s3", "s3_lora"}
     for out in ("s1", "s1_lora"):  # two SFT steps at lr 1e-3 already lower held-out perplexity
         assert metrics[out]["eval_perplexity"] < metrics[out]["eval_perplexity_start"], out
@@ -53,6 +68,7 @@ def test_family_runs_all_three_steps_with_and_without_lora(family, tmp_path):
 def test_reward_head_width_comes_from_the_config(family):
     import common
     from common import load_reward_model
+
     tok = common.load_tokenizer(f"tiny:{family}")
     model, _ = load_reward_model(f"tiny:{family}", tok)
     ids = tok(["Human: hi\n\nAssistant: yo"], return_tensors="pt")

@@ -1,5 +1,6 @@
 """Non-finite losses and rewards are skipped, counted and logged, never trained on or saved; the same
 command with the same seed gives the same metrics."""
+
 import json
 import math
 import os
@@ -11,8 +12,22 @@ import torch
 import common
 from conftest import ROOT, run_stage
 
-PPO = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "8",
-       "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8", "--data_split", "8,1,1", "--ppo_epochs", "2"]
+PPO = [
+    "--actor",
+    "tiny:gpt2",
+    "--reward",
+    "tiny:gpt2",
+    "--per_device_generation_batch_size",
+    "8",
+    "--per_device_training_batch_size",
+    "4",
+    "--max_answer_seq_len",
+    "8",
+    "--data_split",
+    "8,1,1",
+    "--ppo_epochs",
+    "2",
+]
 
 
 class FakeEngine:
@@ -50,8 +65,14 @@ ppo.main(sys.argv[1:])
 
 def test_nan_reward_skips_that_rollouts_updates_and_never_reaches_the_weights(tmp_path):
     out = str(tmp_path / "ppo")
-    proc = subprocess.run([sys.executable, "-c", NAN_REWARD_DRIVER, *PPO, "--max_steps", "2", "--enable_ema", "--output_dir", out],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", NAN_REWARD_DRIVER, *PPO, "--max_steps", "2", "--enable_ema", "--output_dir", out],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # step 1: whitening spreads sample 0's NaN advantage to all, so all 2 PPO epochs x 2 micro-batches of the
     # actor are skipped; only sample 0's return is NaN, so the critic skips the 2 micro-batches holding it
@@ -60,8 +81,11 @@ def test_nan_reward_skips_that_rollouts_updates_and_never_reaches_the_weights(tm
     assert "skipped 6 non-finite updates" in proc.stdout
     log = [line.split(",") for line in open(os.path.join(out, "log.csv")).read().splitlines()[1:]]
     assert [(s, v) for s, k, v in log if k == "skipped"] == [("1", "6.0"), ("2", "6.0")]  # step 2 trained normally
-    assert math.isfinite(metrics["eval_kl"]) and abs(metrics["eval_kl"]) > 1e-4  # and did move the actor (k1 on greedy answers: either sign)
+    assert (
+        math.isfinite(metrics["eval_kl"]) and abs(metrics["eval_kl"]) > 1e-4
+    )  # and did move the actor (k1 on greedy answers: either sign)
     from safetensors.torch import load_file
+
     for folder in ("actor", "actor_ema", "critic"):
         for name, t in load_file(os.path.join(out, folder, "model.safetensors")).items():
             assert torch.isfinite(t).all(), (folder, name)
@@ -74,8 +98,19 @@ def _metrics(out):
 
 
 def test_same_command_same_seed_same_metrics(tmp_path):
-    sft = ["sft.py", "--model_name_or_path", "tiny:gpt2", "--max_steps", "4", "--per_device_train_batch_size", "8",
-           "--eval_max_new_tokens", "8", "--seed", "7"]
+    sft = [
+        "sft.py",
+        "--model_name_or_path",
+        "tiny:gpt2",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_max_new_tokens",
+        "8",
+        "--seed",
+        "7",
+    ]
     ppo = ["ppo.py", *PPO, "--max_steps", "2", "--seed", "7"]
     for name, cmd in (("sft", sft), ("ppo", ppo)):
         for i in (0, 1):

@@ -1,13 +1,29 @@
 """The PPO formulas of ppo.py against hand computations and naive loops."""
+
 import math
 
 import pytest
 import torch
 
 import data
-from ppo import (AdaptiveKLController, advantages_and_returns, compute_rewards, gae, kl_from_logits, kl_penalty,
-                 logprobs_from_logits, masked_mean, masked_whiten, merge_experiences, policy_loss, response_mask,
-                 shape_scores, value_loss)
+from ppo import (
+    adaptive_kl_coef,
+    advantages_and_returns,
+    aggregate,
+    compute_rewards,
+    gae,
+    group_advantages,
+    kl_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    merge_experiences,
+    policy_loss,
+    response_mask,
+    shape_scores,
+    value_loss,
+)
 
 EOS, PAD = 1, 0
 
@@ -17,10 +33,10 @@ def naive_gae(rewards, values, length, gamma, lam):
     adv = []
     for t in range(length):
         total = 0.0
-        for l in range(length - t):
-            k = t + l
+        for j in range(length - t):
+            k = t + j
             next_v = values[k + 1] if k + 1 < length else 0.0
-            total += (gamma * lam) ** l * (rewards[k] + gamma * next_v - values[k])
+            total += (gamma * lam) ** j * (rewards[k] + gamma * next_v - values[k])
         adv.append(total)
     return adv
 
@@ -107,9 +123,11 @@ def test_reward_lands_on_eos_or_last_token():
     scores = shape_scores(torch.tensor([2.0, -9.0, 0.5]), has_eos, None, clip_reward_value=5.0, missing_eos_penalty=0.0)
     rewards, kl = compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
     per_token = -0.1 * 0.5
-    expected = [[per_token, per_token, per_token + 2.0, 0.0],          # score on the EOS itself
-                [per_token, per_token, per_token, per_token - 5.0],    # no EOS: last token, score clipped
-                [per_token + 0.5, 0.0, 0.0, 0.0]]                      # EOS as the only token
+    expected = [
+        [per_token, per_token, per_token + 2.0, 0.0],  # score on the EOS itself
+        [per_token, per_token, per_token, per_token - 5.0],  # no EOS: last token, score clipped
+        [per_token + 0.5, 0.0, 0.0, 0.0],
+    ]  # EOS as the only token
     assert rewards.tolist() == [pytest.approx(r) for r in expected]
     assert kl.tolist() == [pytest.approx(r) for r in (mask * 0.5).tolist()]
 
@@ -123,16 +141,13 @@ def test_logprobs_from_logits_temperature_and_fp32():
     assert out.dtype == torch.float32 and torch.allclose(out, expected)
 
 
-def test_adaptive_kl_controller_moves_toward_target():
-    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
-    ctl.update(kl=12.0, n_samples=1000)  # KL too high -> coefficient up, error clipped at +0.2
-    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
-    before = ctl.value
-    ctl.update(kl=3.0, n_samples=1000)
-    assert ctl.value < before
-    fixed = AdaptiveKLController(0.1)
-    fixed.update(100.0, 1000)
-    assert fixed.value == 0.1
+def test_adaptive_kl_coef_moves_toward_target():
+    up = adaptive_kl_coef(
+        0.1, kl=12.0, target=6.0, n_samples=1000
+    )  # KL too high: coefficient up, error clipped at +0.2
+    assert up == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_coef(up, kl=3.0, target=6.0, n_samples=1000) < up
+    assert adaptive_kl_coef(0.1, kl=100.0, target=None, n_samples=1000) == 0.1  # no target: fixed
 
 
 def test_policy_loss_ignores_padded_slots_whatever_their_log_ratio():
@@ -170,9 +185,17 @@ def _exp(query_lens, response_lens, seed):
     tq, tr = max(query_lens), max(response_lens)
     q_mask = data.pad([[1] * n for n in query_lens], 0, left=True)
     mask = data.pad([[1] * n for n in response_lens], 0).float()
-    return {"query": q_mask * 7, "query_mask": q_mask, "response": mask.long() * 5, "mask": mask,
-            "rewards": torch.randn(len(query_lens), tr, generator=g) * mask, "values": torch.randn(len(query_lens), tr, generator=g) * mask,
-            "scores": torch.randn(len(query_lens), generator=g), "gen_seconds": 0.5, "width": tq}
+    return {
+        "query": q_mask * 7,
+        "query_mask": q_mask,
+        "response": mask.long() * 5,
+        "mask": mask,
+        "rewards": torch.randn(len(query_lens), tr, generator=g) * mask,
+        "values": torch.randn(len(query_lens), tr, generator=g) * mask,
+        "scores": torch.randn(len(query_lens), generator=g),
+        "gen_seconds": 0.5,
+        "width": tq,
+    }
 
 
 def test_generation_batches_merge_into_one_rollout_whitened_as_a_whole():
@@ -183,9 +206,80 @@ def test_generation_batches_merge_into_one_rollout_whitened_as_a_whole():
     assert exp["query_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]  # left padding kept
     assert exp["mask"].sum(1).tolist() == [4, 2, 6]
     assert torch.equal(exp["rewards"][2], b["rewards"][0]) and torch.equal(exp["rewards"][0, :4], a["rewards"][0])
-    adv, ret = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], gamma=1.0, lam=0.95)
+    adv, ret = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], _args())
     raw, _ = gae(exp["rewards"], exp["values"], exp["mask"], 1.0, 0.95)
     assert torch.allclose(adv, masked_whiten(raw, exp["mask"]))  # whitened over all 12 tokens of the rollout
     # a one-response generation batch whitened on its own would lose its sign and scale; over the rollout it keeps them
     alone = masked_whiten(gae(b["rewards"], b["values"], b["mask"], 1.0, 0.95)[0], b["mask"])
     assert not torch.allclose(adv[2], alone[0], atol=1e-3)
+
+
+def _args(**kw):
+    base = dict(whiten_rewards=False, advantage_estimator="gae", n_samples_per_prompt=4, gamma=1.0, lam=0.95)
+    return type("Args", (), {**base, **kw})()
+
+
+# one group of 4 responses to one prompt, lengths 3, 1, 2, 3; scores on the last token, a small KL reward per token
+LENGTHS, SCORES, KL_REWARD = [3, 1, 2, 3], [1.0, 0.0, 0.0, 3.0], -0.1
+
+
+def _group():
+    mask = data.pad([[1] * n for n in LENGTHS], 0).float()
+    rewards = KL_REWARD * mask
+    for b, n in enumerate(LENGTHS):
+        rewards[b, n - 1] += SCORES[b]
+    return rewards, mask
+
+
+def test_group_estimators_match_hand_computation():
+    rewards, mask = _group()
+    totals = [SCORES[b] + KL_REWARD * n for b, n in enumerate(LENGTHS)]  # R = score - KL penalty: 0.7, -0.1, -0.2, 2.7
+    mean = sum(totals) / 4
+    std = math.sqrt(sum((t - mean) ** 2 for t in totals) / 3)  # unbiased, as torch.std
+    expected = {
+        "grpo": [(t - mean) / (std + 1e-6) for t in totals],
+        "dr_grpo": [t - mean for t in totals],
+        "rloo": [t - (sum(totals) - t) / 3 for t in totals],
+    }
+    for estimator, want in expected.items():
+        adv, _ = advantages_and_returns(rewards, torch.zeros_like(rewards), mask, _args(advantage_estimator=estimator))
+        for b, n in enumerate(LENGTHS):  # the same advantage on every token of a response, 0 after it
+            assert adv[b, :n].tolist() == pytest.approx([want[b]] * n, abs=1e-5), estimator
+            assert (adv[b, n:] == 0).all()
+    two_groups = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0]), 2, "dr_grpo")  # groups of 2
+    assert two_groups.tolist() == [-0.5, 0.5] * 2 + [0, 0]
+
+
+def test_reinforce_pp_is_the_whitened_discounted_return():
+    rewards, mask = _group()
+    args = _args(advantage_estimator="reinforce_pp", gamma=0.5)
+    adv, returns = advantages_and_returns(rewards, torch.zeros_like(rewards), mask, args)
+    # return at t = sum over later tokens of 0.5^(s - t) r_s; response 0: r = [-0.1, -0.1, 0.9]
+    assert returns[0, :3].tolist() == pytest.approx([-0.1 + 0.5 * -0.1 + 0.25 * 0.9, -0.1 + 0.5 * 0.9, 0.9])
+    assert returns[1, 0].item() == pytest.approx(-0.1)
+    assert torch.allclose(adv, masked_whiten(returns, mask), atol=1e-6)
+
+
+def test_loss_aggregation_modes():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate(loss, mask, "token-mean", 5).item() == pytest.approx((1 + 2 + 3 + 4) / 4)  # every token
+    assert aggregate(loss, mask, "seq-mean-token-mean", 5).item() == pytest.approx((2.0 + 4.0) / 2)  # every sequence
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", 5).item() == pytest.approx((6 + 4) / (2 * 5))  # Dr. GRPO
+    # the policy loss uses the mode: with advantages 1 and no ratio change it is -1 per token whatever the mode
+    lp = torch.zeros(2, 3)
+    dr_grpo = policy_loss(lp, lp, torch.ones(2, 3), mask, 0.2, "seq-mean-token-sum-norm", 5)[0]
+    assert dr_grpo.item() == pytest.approx(-4 / 10)
+
+
+def test_distributed_whitening_uses_every_ranks_statistics(monkeypatch):
+    import common
+
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # a second rank holding [5, 6, 7]: the global mean is 4, the unbiased variance (9+4+1+1+4+9) / 5 = 5.6
+    other = [18.0, 25.0 + 36 + 49, 3.0]
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(common, "all_reduce_sum", lambda values, device: [a + b for a, b in zip(values, other)])
+    out = masked_whiten(x, mask, distributed=True)
+    assert out[0, :3].tolist() == pytest.approx([(v - 4) / math.sqrt(5.6) for v in (1, 2, 3)], rel=1e-5)
+    assert out[0, 3].item() == 0.0

@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
+import builtin
 import common
 import data
-from conftest import assert_one_line_error, run_stage
-import builtin
 from common import end_scores, load_reward_model, save_reward_model
-from reward import evaluate, pair_stats, pairwise_loss
+from conftest import assert_one_line_error, run_stage
+from reward import evaluate, pairwise_loss
 
 
 def test_pairwise_loss_matches_hand_computation():
@@ -20,11 +20,17 @@ def test_pairwise_loss_matches_hand_computation():
     assert pairwise_loss(torch.tensor([3.0]), torch.tensor([3.0])).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
-def test_accuracy_counting():
-    chosen, rejected = torch.tensor([1.0, 0.0, 5.0, 2.0]), torch.tensor([0.0, 2.0, 5.0, -1.0])
-    correct, n, sc, sr, _ = pair_stats(chosen, rejected)
-    assert (correct, n) == (2, 4)  # a tie is not a win
-    assert (sc, sr) == (8.0, 6.0)
+def test_accuracy_counting_ties_are_wrong():
+    # first tokens as scores: pairs (1, 0), (0, 2), (5, 5) tie, (2, -1) -> 2 of 4 right
+    pairs = [(1, 0), (0, 2), (5, 5), (2, 1)]
+    batch = {
+        "input_ids": torch.tensor([[c, 0] for c, _ in pairs] + [[r, 0] for _, r in pairs]),
+        "attention_mask": torch.ones(8, 2, dtype=torch.long),
+    }
+    out = evaluate(StubEngine(), [batch], type("Args", (), {"eval_iters": 0})(), torch.device("cpu"))
+    assert out["eval_accuracy"] == 0.5
+    assert out["eval_chosen_score"] == pytest.approx(8 / 4) and out["eval_rejected_score"] == pytest.approx(8 / 4)
+    assert out["score_std"] == pytest.approx(math.sqrt((1 + 0 + 25 + 4) / 4 - 2.0**2))
 
 
 def test_end_scores_reads_last_real_token_including_truncated_rows(tmp_path):
@@ -36,7 +42,11 @@ def test_end_scores_reads_last_real_token_including_truncated_rows(tmp_path):
         mask = data.pad([[1] * len(full), [1] * len(cut)], 0, left=left)
         values = torch.arange(mask.numel(), dtype=torch.float).view(mask.shape)
         width = mask.shape[1]
-        expected = [values[0, width - 1], values[1, width - 1]] if left else [values[0, len(full) - 1], values[1, len(cut) - 1]]
+        expected = (
+            [values[0, width - 1], values[1, width - 1]]
+            if left
+            else [values[0, len(full) - 1], values[1, len(cut) - 1]]
+        )
         assert end_scores(values, mask).tolist() == [float(e) for e in expected]
 
 
@@ -45,11 +55,15 @@ def test_score_same_for_left_and_right_padding(family):
     tok = common.load_tokenizer(f"tiny:{family}")
     model, _ = load_reward_model(f"tiny:{family}", tok)
     model.eval()
-    seqs = [data.encode_pair(tok, data.format_prompt("sort: b a"), " a b", 64)["input_ids"],
-            data.encode_pair(tok, data.format_prompt("sort: d c b a"), " a b c d", 64)["input_ids"]]
+    seqs = [
+        data.encode_pair(tok, data.format_prompt("sort: b a"), " a b", 64)["input_ids"],
+        data.encode_pair(tok, data.format_prompt("sort: d c b a"), " a b c d", 64)["input_ids"],
+    ]
     with torch.no_grad():
         right = model.score(data.pad(seqs, tok.pad_token_id), data.pad([[1] * len(s) for s in seqs], 0))
-        left = model.score(data.pad(seqs, tok.pad_token_id, left=True), data.pad([[1] * len(s) for s in seqs], 0, left=True))
+        left = model.score(
+            data.pad(seqs, tok.pad_token_id, left=True), data.pad([[1] * len(s) for s in seqs], 0, left=True)
+        )
         alone = torch.cat([model.score(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
     assert torch.allclose(right, alone, atol=1e-5) and torch.allclose(left, alone, atol=1e-5)
 
@@ -75,11 +89,35 @@ def test_save_reload_gives_identical_scores_and_stats(tmp_path):
 
 def test_reward_two_ranks_zero3_from_tiny(tmp_path):
     out = str(tmp_path / "rm")
-    proc = run_stage(["reward.py", "--model_name_or_path", "tiny:gpt2", "--max_steps", "4", "--zero_stage", "3",
-                      "--per_device_train_batch_size", "4", "--eval_iters", "2", "--output_dir", out], launcher=2)
+    proc = run_stage(
+        [
+            "reward.py",
+            "--model_name_or_path",
+            "tiny:gpt2",
+            "--max_steps",
+            "4",
+            "--zero_stage",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_iters",
+            "2",
+            "--output_dir",
+            out,
+        ],
+        launcher=2,
+    )
     assert "ranks 2 = global batch 8 pairs" in proc.stdout
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("eval_accuracy_start", "eval_accuracy", "eval_chosen_score", "eval_rejected_score", "score_mean", "score_std", "train_seconds"):
+    for key in (
+        "eval_accuracy_start",
+        "eval_accuracy",
+        "eval_chosen_score",
+        "eval_rejected_score",
+        "score_mean",
+        "score_std",
+        "train_seconds",
+    ):
         assert math.isfinite(metrics[key]), key
     for kind in builtin.SORT_ERROR_KINDS:  # builtin:sort classifies its rejected answers: accuracy per kind
         assert 0.0 <= metrics[f"eval_accuracy_{kind}"] <= 1.0, kind
@@ -88,23 +126,44 @@ def test_reward_two_ranks_zero3_from_tiny(tmp_path):
     assert stats["score_std"] == pytest.approx(metrics["score_std"])
 
 
-
 def test_dataset_without_pairs_is_one_line(tmp_path):
     (tmp_path / "data").mkdir()
     for name in ("train", "eval"):
         (tmp_path / "data" / f"{name}.json").write_text(json.dumps([{"prompt": "hi", "chosen": "yes"}] * 5))
-    proc = run_stage(["reward.py", "--model_name_or_path", "tiny:gpt2", "--data_path", "local/jsonfile", "--data_split", "1,1,1",
-                      "--output_dir", str(tmp_path / "o")], cwd=str(tmp_path), check=False)
+    proc = run_stage(
+        [
+            "reward.py",
+            "--model_name_or_path",
+            "tiny:gpt2",
+            "--data_path",
+            "local/jsonfile",
+            "--data_split",
+            "1,1,1",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        cwd=str(tmp_path),
+        check=False,
+    )
     assert_one_line_error(proc, "--data_path local/jsonfile", "no chosen/rejected pairs")
 
 
 def test_sort_error_kinds_are_read_off_the_answers():
-    kind = lambda rejected: builtin.sort_error_kind("sort: d b a c", "a b c d", rejected)  # noqa: E731
+    kind = lambda rejected: builtin.sort_error_kind("sort: d b a c", "a b c d", rejected)
     assert [kind(x) for x in ("a b d c", "b a c d", "a b c e", "a b d", "a b c d e", "a c b d")] == [
-        "last_two_swapped", "adjacent_swap", "replaced_letter", "dropped_letter", "added_letter", "adjacent_swap"]
+        "last_two_swapped",
+        "adjacent_swap",
+        "replaced_letter",
+        "dropped_letter",
+        "added_letter",
+        "adjacent_swap",
+    ]
     import random
+
     rng = random.Random(0)  # every corruption the demo draws is one of the five kinds, never the right answer
-    kinds = {builtin.sort_error_kind("", "a c e g h", " ".join(builtin._corrupt(rng, list("acegh")))) for _ in range(500)}
+    kinds = {
+        builtin.sort_error_kind("", "a c e g h", " ".join(builtin._corrupt(rng, list("acegh")))) for _ in range(500)
+    }
     assert kinds == set(builtin.SORT_ERROR_KINDS)
 
 
@@ -124,8 +183,11 @@ class StubEngine:
 def test_per_kind_pairwise_accuracy_matches_a_hand_count():
     # 4 pairs: (chosen first token, rejected first token, kind); chosen wins when its token is larger
     pairs = [(5, 1, "swap"), (2, 3, "swap"), (4, 2, "swap"), (1, 9, "replaced")]
-    batch = {"input_ids": torch.tensor([[c, 0] for c, _, _ in pairs] + [[r, 0] for _, r, _ in pairs]),
-             "attention_mask": torch.ones(8, 2, dtype=torch.long), "kind": [k for _, _, k in pairs]}
+    batch = {
+        "input_ids": torch.tensor([[c, 0] for c, _, _ in pairs] + [[r, 0] for _, r, _ in pairs]),
+        "attention_mask": torch.ones(8, 2, dtype=torch.long),
+        "kind": [k for _, _, k in pairs],
+    }
     args = type("Args", (), {"eval_iters": 0})()
     out = evaluate(StubEngine(), [batch], args, torch.device("cpu"), kinds=["replaced", "swap"])
     assert out["eval_accuracy"] == pytest.approx(2 / 4)

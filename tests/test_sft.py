@@ -1,4 +1,5 @@
 """Step 1 end to end, as subprocesses exactly as a user runs them."""
+
 import json
 import os
 
@@ -8,8 +9,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_stage
 
-FAST = ["--model_name_or_path", "tiny:gpt2", "--data_path", "builtin:sort", "--max_steps", "6",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", "12"]
+FAST = [
+    "--model_name_or_path",
+    "tiny:gpt2",
+    "--data_path",
+    "builtin:sort",
+    "--max_steps",
+    "6",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "32",
+    "--eval_max_new_tokens",
+    "12",
+]
 
 
 def _check_output(out):
@@ -42,8 +55,17 @@ def test_sft_two_ranks_zero3_saves_a_folder_that_reloads(tmp_path):
 
 def test_sft_with_lora_only(tmp_path):
     out = str(tmp_path / "sft")
-    run_stage(["sft.py", *FAST, "--lora_dim", "4", "--only_optimize_lora", "--lora_learning_rate", "1e-2", "--output_dir", out])
+    run_stage(
+        [
+            "sft.py",
+            *FAST,
+            "--lora_dim",
+            "4",
+            "--only_optimize_lora",
+            "--lora_learning_rate",
+            "1e-2",
+            "--output_dir",
+            out,
+        ]
+    )
     _check_output(out)
-
-
-

@@ -1,4 +1,5 @@
 """Every --data_path source, read from a local copy laid out as its hub repository, through its adapter."""
+
 import json
 import os
 import sys
@@ -11,6 +12,9 @@ import data
 from common import UserError
 from conftest import ROOT, assert_one_line_error, run_stage
 from hub_copies import COPIES, N, expected, write_copy, write_records
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+TEMPLATE += "{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
 def _triples(rows):
@@ -33,9 +37,16 @@ def test_every_registered_source_has_a_local_copy_test():
 def test_prompt_template_is_the_single_turn_form_of_dialogues():
     assert data.format_prompt("hi") == data.render_prompt(data.dialogue("hi")) == "Human: hi\n\nAssistant:"
     two = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
-    assert data.dialogue(two) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert data.dialogue(two) == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     assert data.render_prompt(data.dialogue(two)) == two.lstrip()
-    assert data.dialogue("Be brief. USER: x ASSISTANT:") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    assert data.dialogue("Be brief. USER: x ASSISTANT:") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "x"},
+    ]
 
 
 @pytest.mark.parametrize("prompt", ["Question 3?", " Human: Question 3? Assistant:"])
@@ -105,9 +116,15 @@ def test_missing_column_and_empty_data_name_the_path(tmp_path):
 def test_hub_name_offline_says_how_to_use_a_local_copy(monkeypatch):
     import datasets.config
     import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does, without the network wait
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # as HF_HUB_OFFLINE=1 does, without the network wait
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match="Hub is unreachable; download the dataset repository and pass its folder, e.g. /data/stanfordnlp/SHP"):
+    with pytest.raises(
+        UserError,
+        match="Hub is unreachable; download the dataset repository and pass its folder, e.g. /data/stanfordnlp/SHP",
+    ):
         data.load_source("stanfordnlp/SHP")
 
 
@@ -115,7 +132,7 @@ def test_cache_rebuilds_when_a_file_or_the_eos_changes(tmp_path):
     tok = common.load_tokenizer("tiny:gpt2")
     path = str(tmp_path / "x.jsonl")
     cache = str(tmp_path / "cache")
-    encode = lambda r: data.encode_pair(tok, r["prompt"], r["response"], 64)  # noqa: E731
+    encode = lambda r: data.encode_pair(tok, r["prompt"], r["response"], 64)
 
     def build(tokenizer):
         rows = data.phase_rows([path], [1, 0, 0], 1, seed=1)
@@ -134,25 +151,35 @@ def test_cache_rebuilds_when_a_file_or_the_eos_changes(tmp_path):
 
 def test_chat_template_renders_all_turns_and_strips_response_space():
     tok = common.load_tokenizer("tiny:gpt2")
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     row = data.make_row("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d", " e")
     (out,) = data.apply_chat_template([row], tok)
     assert out["prompt"] == "<user>a\n<assistant>b\n<user>c\n<assistant>"
     assert (out["chosen"], out["rejected"], out["response"]) == ("d", "e", "d")
-    assert builtin.sort_check(data.apply_chat_template([data.make_row("sort: c a b", "a b c")], tok)[0]["prompt"], "a b c")
+    assert builtin.sort_check(
+        data.apply_chat_template([data.make_row("sort: c a b", "a b c")], tok)[0]["prompt"], "a b c"
+    )
 
 
 def test_phase_rows_render_with_the_chat_template_when_asked(tmp_path):
     tok = common.load_tokenizer("tiny:gpt2")
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    tok.chat_template = TEMPLATE
     path = str(tmp_path / "x.jsonl")
     write_records(path, [{"prompt": "Q", "response": "A"}] * 10)
     assert {r["prompt"] for r in data.phase_rows([path], [1, 0, 0], 1, seed=1)["train"]} == {"Human: Q\n\nAssistant:"}
-    assert {r["prompt"] for r in data.phase_rows([path], [1, 0, 0], 1, seed=1, chat_tokenizer=tok)["train"]} == {"<user>Q<assistant>"}
+    assert {r["prompt"] for r in data.phase_rows([path], [1, 0, 0], 1, seed=1, chat_tokenizer=tok)["train"]} == {
+        "<user>Q<assistant>"
+    }
 
 
 def test_chat_template_flag_without_a_template_is_refused(tmp_path):
-    proc = run_stage(["sft.py", "--model_name_or_path", "tiny:gpt2", "--chat_template", "--output_dir", str(tmp_path / "o")], check=False)
+    proc = run_stage(
+        ["sft.py", "--model_name_or_path", "tiny:gpt2", "--chat_template", "--output_dir", str(tmp_path / "o")],
+        check=False,
+    )
     assert_one_line_error(proc, "--chat_template", "has no chat template")
 
 
@@ -161,37 +188,68 @@ def test_sft_trains_two_steps_on_every_source(tmp_path):
     folders = [write_copy(name, str(tmp_path / "hub")) for name in sorted(COPIES)]
     (tmp_path / "data").mkdir()
     for name in ("train", "eval"):
-        (tmp_path / "data" / f"{name}.json").write_text(json.dumps([{"prompt": f"Q{i}", "chosen": "A", "rejected": "B"} for i in range(10)]))
-    script = ("import json, os, sys, sft\n"
-              "for i, path in enumerate(sys.argv[1:]):\n"
-              "    out = f'out{i}'\n"
-              "    sft.main(['--model_name_or_path', 'tiny:gpt2', '--data_path', path, '--data_split', '1,0,0', '--max_steps', '2',\n"
-              "              '--per_device_train_batch_size', '2', '--eval_max_new_tokens', '4', '--output_dir', out])\n"
-              "    m = json.load(open(os.path.join(out, 'metrics.json')))\n"
-              "    print('TRAINED', path, m['eval_perplexity'] < m['eval_perplexity_start'])\n")
+        (tmp_path / "data" / f"{name}.json").write_text(
+            json.dumps([{"prompt": f"Q{i}", "chosen": "A", "rejected": "B"} for i in range(10)])
+        )
+    script = (
+        "import json, os, sys, sft\n"
+        "for i, path in enumerate(sys.argv[1:]):\n"
+        "    out = f'out{i}'\n"
+        "    sft.main(['--model_name_or_path', 'tiny:gpt2', '--data_path', path, '--data_split', '1,0,0',\n"
+        "              '--max_steps', '2',\n"
+        "              '--per_device_train_batch_size', '2', '--eval_max_new_tokens', '4', '--output_dir', out])\n"
+        "    m = json.load(open(os.path.join(out, 'metrics.json')))\n"
+        "    print('TRAINED', path, m['eval_perplexity'] < m['eval_perplexity_start'])\n"
+    )
     env = dict(os.environ, PYTHONPATH=ROOT)
     import subprocess
-    proc = subprocess.run([sys.executable, "-c", script, *folders, "local/jsonfile"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *folders, "local/jsonfile"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("TRAINED")]
-    assert trained == [[p, "True"] for p in folders + ["local/jsonfile"]]  # each loaded, trained, and its eval perplexity fell
+    assert trained == [
+        [p, "True"] for p in folders + ["local/jsonfile"]
+    ]  # each loaded, trained, and its eval perplexity fell
 
 
 def test_chat_template_is_used_and_must_agree_across_steps(tmp_path):
     import shutil
+
     model = str(tmp_path / "chat-model")
     shutil.copytree(builtin.tiny_model_path("gpt2"), model)
     tok = common.load_tokenizer(model)
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    tok.chat_template = TEMPLATE
     tok.save_pretrained(model)
     sft_out = str(tmp_path / "sft")
-    proc = run_stage(["sft.py", "--model_name_or_path", model, "--chat_template", "--max_steps", "2", "--per_device_train_batch_size", "4",
-                      "--eval_max_new_tokens", "4", "--output_dir", sft_out])
+    proc = run_stage(
+        [
+            "sft.py",
+            "--model_name_or_path",
+            model,
+            "--chat_template",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_max_new_tokens",
+            "4",
+            "--output_dir",
+            sft_out,
+        ]
+    )
     assert "eval end" in proc.stdout
     samples = json.load(open(os.path.join(sft_out, "args.json")))
     assert samples["chat_template"] is True
     proc = run_stage(["reward.py", "--model_name_or_path", sft_out, "--output_dir", str(tmp_path / "rm")], check=False)
     assert_one_line_error(proc, "--chat_template: --model_name_or_path", "was trained with it")
-    proc = run_stage(["ppo.py", "--actor", sft_out, "--reward", sft_out, "--output_dir", str(tmp_path / "ppo")], check=False)
+    proc = run_stage(
+        ["ppo.py", "--actor", sft_out, "--reward", sft_out, "--output_dir", str(tmp_path / "ppo")], check=False
+    )
     assert_one_line_error(proc, "--chat_template: --actor", "was trained with it")

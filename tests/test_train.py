@@ -1,4 +1,5 @@
 """train.py: the whole pipeline with tiny budgets, its report, skipping and resuming."""
+
 import json
 import os
 import sys
@@ -6,9 +7,14 @@ import sys
 import train
 from conftest import run_stage
 
-FAST = ["--step1-args", "--max_steps 4 --per_device_train_batch_size 8 --eval_max_new_tokens 12",
-        "--step2-args", "--max_steps 4 --per_device_train_batch_size 4 --eval_iters 2",
-        "--step3-args", "--max_steps 2 --per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_answer_seq_len 12"]
+FAST = [
+    "--step1-args",
+    "--max_steps 4 --per_device_train_batch_size 8 --eval_max_new_tokens 12",
+    "--step2-args",
+    "--max_steps 4 --per_device_train_batch_size 4 --eval_iters 2",
+    "--step3-args",
+    "--max_steps 2 --per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_answer_seq_len 12",
+]
 
 
 def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
@@ -18,7 +24,9 @@ def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
         assert f"[train] step {i} done in" in proc.stdout
     report = open(os.path.join(out, "report.md")).read()
     m = [json.load(open(os.path.join(out, d, "metrics.json"))) for d in ("step1_sft", "step2_reward", "step3_ppo")]
-    assert f"| step 1: eval perplexity | {m[0]['eval_perplexity_start']:.4f} | {m[0]['eval_perplexity']:.4f} |" in report
+    assert (
+        f"| step 1: eval perplexity | {m[0]['eval_perplexity_start']:.4f} | {m[0]['eval_perplexity']:.4f} |" in report
+    )
     assert f"| step 2: pairwise accuracy | {m[1]['eval_accuracy_start']:.4f} | {m[1]['eval_accuracy']:.4f} |" in report
     assert f"| step 3: accuracy (greedy) | {m[2]['eval_accuracy_start']:.4f} | {m[2]['eval_accuracy']:.4f} |" in report
     assert f"| step 3: KL to reference | {m[2]['eval_kl_start']:.4f} | {m[2]['eval_kl']:.4f} |" in report
@@ -32,7 +40,9 @@ def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
     for d in ("step1_sft", "step2_reward", "step3_ppo"):
         assert os.path.getsize(os.path.join(out, d, "training.log")) > 0
     again = run_stage(["train.py", "--output-dir", out, *FAST])
-    assert again.stdout.count("is complete, skipped") == 3 and "done in" not in again.stdout.split("[train] all done")[0]
+    assert (
+        again.stdout.count("is complete, skipped") == 3 and "done in" not in again.stdout.split("[train] all done")[0]
+    )
 
 
 def test_step3_resumes_from_its_checkpoint_and_force_starts_over(tmp_path):
@@ -46,8 +56,22 @@ def test_step3_resumes_from_its_checkpoint_and_force_starts_over(tmp_path):
 
 
 def test_step_commands_pass_models_stages_and_extra_args(tmp_path):
-    args = train.parse_args(["--output-dir", str(tmp_path), "--actor-model", "tiny:opt", "--reward-model", "tiny:llama",
-                             "--actor-zero-stage", "3", "--reward-zero-stage", "2", "--step3-args", "--kl_coef 0.05"])
+    args = train.parse_args(
+        [
+            "--output-dir",
+            str(tmp_path),
+            "--actor-model",
+            "tiny:opt",
+            "--reward-model",
+            "tiny:llama",
+            "--actor-zero-stage",
+            "3",
+            "--reward-zero-stage",
+            "2",
+            "--step3-args",
+            "--kl_coef 0.05",
+        ]
+    )
     c1, c2, c3 = (train.step_command(i, args) for i in (1, 2, 3))
     assert c1[c1.index("--model_name_or_path") + 1] == "tiny:opt" and c1[c1.index("--zero_stage") + 1] == "3"
     assert c2[c2.index("--model_name_or_path") + 1] == "tiny:llama" and c2[c2.index("--zero_stage") + 1] == "2"
@@ -58,3 +82,34 @@ def test_step_commands_pass_models_stages_and_extra_args(tmp_path):
     assert all("--chat_template" in train.step_command(i, chat) for i in (1, 2, 3))  # one choice for all three steps
     assert train.launcher(train.parse_args(["--num-gpus", "2"])) == ["deepspeed", "--num_gpus", "2"]
     assert train.launcher(train.parse_args(["--num-gpus", "0"])) == [sys.executable]
+
+
+def test_reward_fn_skips_step_2_and_passes_the_estimator_through(tmp_path):
+    args = train.parse_args(["--output-dir", str(tmp_path), "--reward-fn", "checker", "--advantage-estimator", "grpo",
+                             "--n-samples-per-prompt", "4"])  # fmt: skip
+    assert args.step == [1, 3]  # no reward model to train
+    c3 = train.step_command(3, args)
+    assert c3[c3.index("--reward_fn") + 1] == "checker" and "--reward" not in c3
+    assert c3[c3.index("--advantage_estimator") + 1] == "grpo" and c3[c3.index("--n_samples_per_prompt") + 1] == "4"
+
+
+def test_algo_dpo_runs_step_1_then_dpo_and_reports_it(tmp_path):
+    args = train.parse_args(["--output-dir", str(tmp_path), "--algo", "dpo"])
+    assert args.step == [1, 3] and train.stage(3, args) == ("dpo.py", "dpo")
+    c3 = train.step_command(3, args)
+    assert c3[0].endswith("dpo.py") and c3[c3.index("--model_name_or_path") + 1] == os.path.join(
+        str(tmp_path), "step1_sft"
+    )
+    os.makedirs(tmp_path / "dpo")
+    metrics = {
+        "eval_accuracy_start": 0.5,
+        "eval_accuracy": 0.75,
+        "eval_reward_accuracy_start": 0.0,
+        "eval_reward_accuracy": 0.9,
+    }
+    json.dump(metrics, open(tmp_path / "dpo" / "metrics.json", "w"))
+    report = train.build_report(args, {1: 0.0, 3: 1.0})
+    assert (
+        "SFT 50.0% -> DPO 75.0% (+25.0 points)" in report
+        and "| step 3: implicit reward accuracy | 0.0000 | 0.9000 |" in report
+    )
