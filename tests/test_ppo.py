@@ -148,7 +148,10 @@ def test_generation_batch_smaller_than_micro_batches_trains_over_the_whole_rollo
             out,
         ]
     )
-    assert "rollout 6 x 2 per rank x 1 ranks = 12 sequences" in proc.stdout and "step 2/2" in proc.stdout
+    assert (
+        "rollout 6 x 2 prompts x 1 samples per rank x 1 ranks = 12 sequences" in proc.stdout
+        and "step 2/2" in proc.stdout
+    )
     assert _metrics(out)["skipped_updates"] == 0
 
 
