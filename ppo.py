@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g("--advantage_estimator", default="gae", choices=ESTIMATORS, help="gae uses the critic; the rest are critic-free")
     g("--n_samples_per_prompt", type=int, default=1, help="responses per prompt, a group (>= 2 for grpo, rloo)")
     g("--reward_fn", default=None, help="instead of --reward: checker (the data's) or file.py:fn(prompts, responses)")
-    g("--kl_coef", type=float, default=0.1, help="per-token KL penalty weight (initial value with --target_kl)")
+    g("--kl_coef", type=float, default=0.2, help="per-token KL penalty weight (start value with --target_kl)")
     g("--kl_estimator", default="k1", choices=["k1", "k3"], help="k1 = log p - log p_ref; k3 = (r - 1) - log r")
     g("--target_kl", type=float, default=None, help="adaptive KL controller target (Ziegler et al. 2019); off if unset")
     g("--clip_reward_value", type=float, default=5.0, help="reward-model scores are clipped to +/- this")

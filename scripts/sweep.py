@@ -113,12 +113,9 @@ def summarise(folder, checker, systematic):
         "clean": sum(clean) / max(len(clean), 1),
         "kl": m3["eval_kl"],
         "eos": m3["eval_eos_rate"],
-        "hacked": sum(
-            1
-            for r, ok in zip(after, rlhf)
-            if not ok and r.get("reference_score") is not None and r["score"] > r["reference_score"]
-        )
-        / len(after),
+        "hacked": sum(not ok and r["score"] > r["reference_score"] for r, ok in zip(after, rlhf)) / len(after)
+        if all("reference_score" in r for r in after)
+        else None,  # step 3 scores the reference answer only for data with a checker (not local JSONL files)
         "s1": times.get("1"),
         "s2": times.get("2"),
         "s3": times.get("3"),

@@ -10,6 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# ppo.py on the tiny model with its own reward model: small enough for a test, every model path exercised
+TINY_PPO = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "8",
+            "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8"]  # fmt: skip
+
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):

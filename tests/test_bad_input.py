@@ -7,22 +7,10 @@ import shutil
 import pytest
 
 import builtin
-from conftest import assert_one_line_error, run_stage
+from conftest import TINY_PPO, assert_one_line_error, run_stage
 from hub_copies import write_records
 
-PPO = [
-    "ppo.py",
-    "--actor",
-    "tiny:gpt2",
-    "--reward",
-    "tiny:gpt2",
-    "--per_device_generation_batch_size",
-    "8",
-    "--per_device_training_batch_size",
-    "4",
-    "--max_answer_seq_len",
-    "8",
-]
+PPO = ["ppo.py", *TINY_PPO]
 SFT = ["sft.py", "--model_name_or_path", "tiny:gpt2"]
 PPO_FN = [*PPO[:3], *PPO[5:], "--reward_fn"]  # no --reward
 

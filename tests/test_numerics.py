@@ -10,24 +10,9 @@ import sys
 import torch
 
 import common
-from conftest import ROOT, run_stage
+from conftest import ROOT, TINY_PPO, run_stage
 
-PPO = [
-    "--actor",
-    "tiny:gpt2",
-    "--reward",
-    "tiny:gpt2",
-    "--per_device_generation_batch_size",
-    "8",
-    "--per_device_training_batch_size",
-    "4",
-    "--max_answer_seq_len",
-    "8",
-    "--data_split",
-    "8,1,1",
-    "--ppo_epochs",
-    "2",
-]
+PPO = [*TINY_PPO, "--data_split", "8,1,1", "--ppo_epochs", "2"]
 
 
 class FakeEngine:

@@ -33,6 +33,16 @@ def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
     gain = 100 * (m[2]["eval_accuracy"] - m[2]["eval_accuracy_start"])
     assert f"({gain:+.1f} points)" in report
     assert "| prompt | SFT | RLHF |" in report
+    kinds = [k[14:] for k in m[1] if k.startswith("eval_accuracy_") and not k.endswith("_start")]
+    assert kinds  # builtin:sort classifies its rejected answers; the report has a row per kind
+    for k in kinds:
+        row = (
+            f"| step 2: pairwise accuracy, rejected = {k.replace('_', ' ')} | {m[1][f'eval_accuracy_{k}_start']:.4f} |"
+        )
+        assert row in report
+    rows = [json.loads(line) for line in open(os.path.join(out, "step3_ppo", "eval_generations.jsonl"))]
+    hacked = sum(not r["correct"] and r["score"] > r["reference_score"] for r in rows)
+    assert f"Reward hacking: {hacked} of {len(rows)} RLHF answers are wrong yet scored above the correct" in report
     log = open(os.path.join(out, "step3_ppo", "log.csv")).read()
     assert f"0,eval_accuracy,{m[2]['eval_accuracy_start']}" in log  # the accuracy curve starts at the SFT policy
     for png in ("step3_ppo.png", "step1_loss.png", "step2_loss.png"):
