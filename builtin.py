@@ -72,6 +72,42 @@ TINY_FAMILIES = {
     ),
 }
 TINY_VERSION = 3
+# Random models of other sizes, for benchmarks: tiny:<type>@hidden=512,layers=8 (keys below), or a named shape.
+TINY_SIZE_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                  "kv_heads": "num_key_value_heads", "ffn": None, "positions": "max_position_embeddings",
+                  "proj": "word_embed_proj_dim"}  # fmt: skip
+TINY_SHAPES = {  # the layer/width of the OPT models DeepSpeed-Chat benchmarks (Zhang et al. 2022, table 1)
+    "opt-125m": "opt@hidden=768,layers=12,heads=12,ffn=3072,positions=2048",
+    "opt-350m": "opt@hidden=1024,layers=24,heads=16,ffn=4096,positions=2048,proj=512",
+    "opt-1.3b": "opt@hidden=2048,layers=24,heads=32,ffn=8192,positions=2048",
+}
+
+
+def tiny_config(spec):
+    """(model_type, config overrides) of tiny:<spec>: "llama", "opt@hidden=512,layers=8" or "opt-350m";
+    ValueError naming what is wrong."""
+    model_type, _, sizes = TINY_SHAPES.get(spec, spec).partition("@")
+    if model_type not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model type {model_type!r} (known: {', '.join(TINY_FAMILIES)}, or a shape: "
+                         f"{', '.join(TINY_SHAPES)})")  # fmt: skip
+    kw = dict(TINY_FAMILIES[model_type])
+    for item in filter(None, sizes.split(",")):
+        key, _, value = item.partition("=")
+        if key not in TINY_SIZE_KEYS or not value.isdigit():
+            raise ValueError(f"bad size {item!r} (expected key=integer, keys: {', '.join(TINY_SIZE_KEYS)})")
+        ffn = {"gpt2": "n_inner", "gptj": "n_inner", "codegen": "n_inner", "opt": "ffn_dim"}.get(model_type)
+        kw[TINY_SIZE_KEYS[key] or ffn or "intermediate_size"] = int(value)
+    if model_type == "opt" and "hidden=" in sizes and "proj=" not in sizes:
+        kw["word_embed_proj_dim"] = kw["hidden_size"]  # no projection, as opt-125m and opt-1.3b
+    for own, generic in _OWN_NAMES:  # a family's own config names (GPT-2's n_embd, ...): the given size wins
+        if own in kw and generic in kw:
+            kw[own] = kw.pop(generic)
+    return model_type, kw
+
+
+_OWN_NAMES = [("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
+              ("n_positions", "max_position_embeddings"), ("num_layers", "num_hidden_layers"),
+              ("num_heads", "num_attention_heads")]  # fmt: skip
 
 
 def byte_tokenizer():
@@ -97,7 +133,9 @@ def tiny_model_path(model_type):
     """Folder of tiny:<model_type>, created (deterministically) on first use."""
     import torch.distributed as dist
 
-    path = os.path.join(cache_dir(), f"tiny-{model_type}-v{TINY_VERSION}")
+    path = os.path.join(
+        cache_dir(), f"tiny-{model_type.replace('@', '-').replace('=', '').replace(',', '-')}-v{TINY_VERSION}"
+    )
     # under torch.distributed, transformers writes weights on rank 0 only: rank 0 builds, the rest wait
     distributed = dist.is_initialized()
     if not os.path.isfile(os.path.join(path, "config.json")) and (not distributed or dist.get_rank() == 0):
@@ -107,14 +145,13 @@ def tiny_model_path(model_type):
     return path
 
 
-def _write_tiny_model(model_type, path):
+def _write_tiny_model(spec, path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
     vocab = 8 * math.ceil(len(tokenizer) / 8)
-    config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1, **TINY_FAMILIES[model_type]
-    )
+    model_type, kw = tiny_config(spec)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1, **kw)
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

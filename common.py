@@ -3,6 +3,7 @@
 hybrid-engine toggle. DeepSpeed is imported lazily (it takes seconds): `--help` and argument errors are instant."""
 
 import contextlib
+import importlib.util
 import inspect
 import json
 import math
@@ -112,6 +113,16 @@ def check_at_least_one(args, *flags):
         raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
 
 
+def check_4bit(flag, zero_stage, stage_flag="--zero_stage", lora_dim=None, lora_flag="--lora_dim"):
+    """A model loaded in 4 bits (QLoRA); lora_dim None: a frozen model, else it trains and needs LoRA."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    if zero_stage == 3:
+        raise UserError(f"{flag} with {stage_flag} 3: ZeRO-3 cannot shard bitsandbytes' packed weights; use 0-2")
+    if lora_dim == 0:
+        raise UserError(f"{flag} needs {lora_flag} > 0: 4-bit weights are frozen, only LoRA weights train")
+
+
 def check_output_dir(path):
     """The folder can be created and written; the probe removes whatever it created (deepest first)."""
     created, probe = [], os.path.abspath(path)
@@ -131,9 +142,10 @@ def check_output_dir(path):
 
 def check_model_path(name, flag="--model_name_or_path"):  # tiny:<type>, a folder with config.json, or a hub name
     if name.startswith("tiny:"):
-        if name[5:] not in builtin.TINY_FAMILIES:
-            known = ", ".join("tiny:" + k for k in builtin.TINY_FAMILIES)
-            raise UserError(f"{flag} {name}: unknown tiny model type (known: {known})")
+        try:
+            builtin.tiny_config(name[5:])
+        except ValueError as e:
+            raise UserError(f"{flag} {name}: {e}") from None
     elif os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model folder)")
@@ -151,7 +163,7 @@ def check_model_path(name, flag="--model_name_or_path"):  # tiny:<type>, a folde
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DeepSpeed config (DeepSpeed-Chat's get_train_ds_config / get_eval_ds_config, trimmed).
-def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, tensorboard=None, train=True):
+def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, monitors=None, train=True):
     zero = {"stage": stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7}
     zero.update(stage3_prefetch_bucket_size=3e7, offload_param={"device": "cpu" if offload and stage == 3 else "none"})
     zero["offload_optimizer"] = {"device": "cpu" if offload and train and stage > 0 else "none"}
@@ -161,9 +173,31 @@ def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, 
     cfg["zero_allow_untested_optimizer"] = True  # plain torch AdamW on CPU
     cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale_window": 100}
     cfg.update(bf16={"enabled": dtype == "bf16"}, gradient_clipping=clip, wall_clock_breakdown=False)
-    if tensorboard:
-        cfg["tensorboard"] = {"enabled": True, "output_path": tensorboard[0], "job_name": tensorboard[1]}
+    cfg.update(monitors or {})
     return cfg
+
+
+# Logging through DeepSpeed's monitors (engine.monitor), rank 0 only: --report_to tensorboard wandb csv.
+REPORT_TO = ("none", "tensorboard", "wandb", "csv")
+
+
+def check_report_to(args):
+    """--enable_tensorboard (DeepSpeed-Chat's flag) is --report_to tensorboard; each backend's package is installed."""
+    args.report_to = sorted(set(args.report_to + ["tensorboard"] * args.enable_tensorboard) - {"none"})
+    for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if backend in args.report_to and importlib.util.find_spec(package) is None:
+            how = " (WANDB_MODE=offline needs no account)" if backend == "wandb" else ""
+            raise UserError(f"--report_to {backend} needs the {package} package: pip install {package}{how}")
+
+
+def monitors(report_to, path, job):
+    """DeepSpeed's monitor config for ds_config: tensorboard and csv files under path/job, wandb project minirlhf."""
+    cfg = {k: {"enabled": True, "output_path": path, "job_name": job} for k in report_to if k != "wandb"}
+    cfg = {"csv_monitor" if k == "csv" else k: v for k, v in cfg.items()}
+    return {
+        **cfg,
+        **({"wandb": {"enabled": True, "project": "minirlhf", "group": job}} if "wandb" in report_to else {}),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,18 +226,48 @@ _DROPOUT_KEYS = "dropout attention_dropout hidden_dropout activation_dropout res
 _DROPOUT_KEYS = (_DROPOUT_KEYS + " resid_dropout embed_dropout summary_first_dropout").split()
 
 
-def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None):
-    """fp32 model (DeepSpeed casts it), embeddings fit to the tokenizer, dropouts set; ZeRO-3 shards it as it loads."""
+def load_model(
+    name,
+    tokenizer,
+    auto_class="AutoModelForCausalLM",
+    dropout=None,
+    zero_stage=0,
+    ds_cfg=None,
+    quant=None,
+    dtype="fp32",
+):
+    """fp32 model (DeepSpeed casts it), embeddings fit to the tokenizer, dropouts set; ZeRO-3 shards it as it loads.
+    quant "nf4"/"fp4": linear layers packed to 4 bits by bitsandbytes, computed in `dtype` (QLoRA)."""
     import transformers
-    from transformers.integrations import HfDeepSpeedConfig
 
     path = resolve_model(name)
     config = transformers.AutoConfig.from_pretrained(path)
     for key in _DROPOUT_KEYS if dropout is not None else []:
         if hasattr(config, key):
             setattr(config, key, dropout)
-    sharded = HfDeepSpeedConfig(ds_cfg) if zero_stage == 3 and ds_cfg is not None else None  # alive while loading
-    model = getattr(transformers, auto_class).from_pretrained(path, config=config)
+    sharded = None
+    if zero_stage == 3 and ds_cfg is not None:  # ZeRO-3 shards the weights as they load while this object lives
+        from transformers.integrations import HfDeepSpeedConfig
+
+        sharded = HfDeepSpeedConfig(ds_cfg)
+    kwargs = {}
+    if quant:  # Dettmers et al. 2023: double quantization, the compute dtype of the rest of the model
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+        cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+        kwargs.update(device_map={"": cuda}, dtype=torch.float32)
+    model = getattr(transformers, auto_class).from_pretrained(path, config=config, **kwargs)
+    if quant:  # GPT-2's Conv1D ([in, out]) became Linear4bit ([out, in]): remember it, saving turns it back
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            plain = dict(getattr(transformers, auto_class).from_config(config).named_modules())
+        for n, m in ((n, m) for n, m in model.named_modules() if is_4bit(m)):
+            m.hf_transposed = isinstance(plain.get(n), Conv1D)
+            m.support_avx512bf16_for_cpu = False  # its CPU eval shortcut repacks the weight in place for a bf16
+            # kernel: the weight then no longer dequantizes, and a training forward after it fails
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
     for cfg in (model.config, getattr(model, "generation_config", None)):
@@ -264,7 +328,7 @@ class RewardModel(nn.Module):
         return end_scores(self(input_ids, attention_mask), attention_mask)
 
 
-def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
+def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None, dtype="fp32"):
     """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head."""
     from safetensors import safe_open
     from transformers.utils import logging as hf_logging
@@ -272,7 +336,7 @@ def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # v_head.* are "unexpected" to AutoModel: we load them below
     try:
-        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg))
+        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg, quant, dtype))
     finally:
         hf_logging.set_verbosity(verbosity)
     folder = resolve_model(name)
@@ -302,12 +366,16 @@ def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
 # LoRA in DeepSpeed-Chat's layout (lora_right_weight, lora_left_weight, lora_scaling, fuse_lora): the convention
 # DeepSpeed's hybrid engine knows how to fuse. nn.Linear and GPT-2's Conv1D (weight stored transposed, [in, out]).
 class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid engine looks for
-    def __init__(self, weight, bias, lora_dim, lora_scaling=1.0, transposed=False):
+    def __init__(self, weight, bias, lora_dim, lora_scaling=1.0, transposed=False, base=None):
         super().__init__()
-        self.weight, self.bias, self.transposed = weight, bias, transposed
-        self.weight.requires_grad = False  # only the low-rank update is trained
-        shape = getattr(weight, "ds_shape", weight.shape)
-        fan_in, fan_out = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
+        self.transposed = transposed  # the HF checkpoint stores the weight [in, out] (Conv1D)
+        if base is None:
+            self.weight, self.bias = weight, bias
+            self.weight.requires_grad = False  # only the low-rank update is trained
+            shape = getattr(weight, "ds_shape", weight.shape)
+            fan_in, fan_out = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
+        else:  # QLoRA (Dettmers et al. 2023): a frozen bitsandbytes Linear4bit computes x W^T + b itself
+            self.base, fan_in, fan_out = base, base.in_features, base.out_features
         self.lora_right_weight = nn.Parameter(torch.zeros(fan_in, lora_dim))  # [in, r]
         self.lora_left_weight = nn.Parameter(torch.zeros(lora_dim, fan_out))  # [r, out]
         nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
@@ -318,8 +386,8 @@ class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid en
         d = self.lora_scaling * (self.lora_right_weight @ self.lora_left_weight)  # [in, out]
         return d if self.transposed else d.t()
 
-    def fuse_lora_weight(self):
-        if not self.fuse_lora:
+    def fuse_lora_weight(self):  # a 4-bit base cannot absorb the update: it stays unfused, forward adds it
+        if not self.fuse_lora and not hasattr(self, "base"):
             self.weight.data += self.delta().to(self.weight.dtype)
             self.fuse_lora = True
 
@@ -329,7 +397,10 @@ class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid en
             self.fuse_lora = False
 
     def forward(self, x):
-        out = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
+        if hasattr(self, "base"):
+            out = self.base(x)
+        else:
+            out = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
         if self.fuse_lora:
             return out
         return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
@@ -343,7 +414,10 @@ def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):  #
         raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
     for name, module in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
+        if is_4bit(module):
+            layer = LinearLayer_LoRA(None, None, lora_dim, transposed=module.hf_transposed, base=module)
+        else:
+            layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
         setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
     print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} match {module_name!r}, dim {lora_dim}")
 
@@ -394,13 +468,30 @@ def gather_params(model):
     return sd if rank() == 0 else None
 
 
+def is_4bit(module):
+    return type(module).__name__ == "Linear4bit"  # bitsandbytes', without importing it
+
+
+def dequantize(module):  # a Linear4bit's weight as the HF checkpoint holds it: [out, in], or [in, out] for Conv1D
+    import bitsandbytes as bnb
+
+    w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).cpu()
+    return w.t() if module.hf_transposed else w
+
+
 def state_dict_from(model, params):
-    """A saveable state dict from gathered `params`: persistent buffers added, LoRA folded into plain HF weights."""
+    """A saveable state dict from gathered `params`: persistent buffers added, LoRA folded into plain HF weights,
+    4-bit weights unpacked into the model's float dtype (QLoRA saves a plain model)."""
     keys = set(model.state_dict().keys())
     sd = {**params, **{n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys}}
+    dtype = next(v.dtype for v in params.values() if v.is_floating_point())
+    sd.update({f"{n}.weight": dequantize(m).to(dtype) for n, m in model.named_modules() if is_4bit(m)})
     for mname, m in model.named_modules():
         if isinstance(m, LinearLayer_LoRA):
             prefix = f"{mname}." if mname else ""
+            for k in ("weight", "bias") if hasattr(m, "base") else ():  # base.weight -> weight, the HF name
+                if prefix + "base." + k in sd:
+                    sd[prefix + k] = sd.pop(prefix + "base." + k)
             right, left = sd.pop(prefix + "lora_right_weight").float(), sd.pop(prefix + "lora_left_weight").float()
             d = m.lora_scaling * (right @ left)  # [in, out]
             w = sd[prefix + "weight"]
@@ -443,8 +534,15 @@ def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, gath
     if rank() == 0:
         tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=sd)
+        quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None  # else it saves the packed weights
+        try:
+            model.save_pretrained(tmp, state_dict=sd)
+        finally:
+            model.hf_quantizer = quantizer
         tokenizer.save_pretrained(tmp)
+        config = json.load(open(os.path.join(tmp, "config.json")))
+        if config.pop("quantization_config", None):  # sd holds unpacked 4-bit weights: plain transformers loads them
+            write_json(os.path.join(tmp, "config.json"), config)
         for fname, obj in (json_files or {}).items():
             write_json(os.path.join(tmp, fname), obj)
         publish_dir(tmp, output_dir)
@@ -502,10 +600,12 @@ def load_checkpoint(root, engines, ema=None):  # the latest save_checkpoint into
 
 
 class CSVLog:
-    """Per-step metrics as `step,name,value` rows (plots and any tool read them); rank 0 writes, a resume appends."""
+    """Per-step metrics as `step,name,value` rows (plots and any tool read them); rank 0 writes, a resume appends.
+    Each row also goes to the engine's --report_to backends: eval_x as eval/x, the rest as <group>/name."""
 
-    def __init__(self, path, append=False):
+    def __init__(self, path, append=False, engine=None, group="train"):
         self.path = path if rank() == 0 else None
+        self.engine, self.group = engine, group
         if self.path and not (append and os.path.exists(path)):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
@@ -515,6 +615,9 @@ class CSVLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.writelines(f"{step},{k},{v}\n" for k, v in metrics.items())
+        if self.engine is not None and self.engine.monitor.enabled:
+            name = lambda k: f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"{self.group}/{k}"
+            self.engine.monitor.write_events([(name(k), float(v), step) for k, v in metrics.items()])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

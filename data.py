@@ -2,13 +2,12 @@
 across the three stages lives here, once.
 
 Conventions (used by sft.py, reward.py and ppo.py):
-- A row is {"prompt", "chosen", "rejected", "response"}: `prompt` is the formatted dialogue ending
-  in "Assistant:", `chosen`/`rejected` the preferred and dispreferred responses (rejected is None for
-  SFT-only sources), `response` the step-1 demonstration (defaults to chosen).
+- A row is {"prompt", "chosen", "rejected", "response"}: `prompt` is the formatted dialogue ending in "Assistant:",
+  `chosen`/`rejected` the preferred and dispreferred responses (rejected is None for SFT-only sources), `response`
+  the step-1 demonstration (defaults to chosen).
 - Responses start with a space; the tokenizer's EOS is appended to every response.
-- Mask convention: attention_mask is 1 on real tokens, 0 on padding; labels are -100 where no loss
-  is taken. Training batches are right-padded, generation prompts left-padded; common.last_token_index
-  works for both.
+- Mask convention: attention_mask is 1 on real tokens, 0 on padding; labels are -100 where no loss is taken.
+  Training batches are right-padded, generation prompts left-padded; common.last_token_index works for both.
 """
 
 import collections
@@ -26,7 +25,7 @@ from common import UserError, barrier, cap_seq_len, print_rank0, rank, world_siz
 # DeepSpeed-Chat's "Human: ... Assistant:" dialogue form (Dahoas/rm-static's own layout).
 PROMPT_TEMPLATE = "Human: {instruction}\n\nAssistant:"
 IGNORE_INDEX = -100
-CACHE_VERSION = 1  # bump when tokenisation changes so old caches are not reused
+CACHE_VERSION = 2  # bump when tokenisation changes so old caches are not reused
 SPLIT_SEED = 0  # the 9:1 train/eval division of sources that ship only a train split
 
 
@@ -88,23 +87,25 @@ def check_same_template(chat_template, models):
             raise UserError(f"--chat_template: {flag} {path} was trained {how} it; use the same setting here")
 
 
-def apply_chat_template(rows, tokenizer):
-    """Rows re-rendered with the tokenizer's chat template: the prompt ends with the template's assistant
-    header, responses lose their leading space. A BOS written by the template is removed when the
-    tokenizer adds one itself, so it is never doubled."""
-    if not tokenizer.chat_template:
+def render_messages(messages, chat_tokenizer=None):
+    """A dialogue as prompt text: PROMPT_TEMPLATE's form, or the tokenizer's chat template ending with its assistant
+    header (a BOS it writes is removed when the tokenizer adds one itself, so it is never doubled)."""
+    tok = chat_tokenizer
+    if tok is None:
+        return render_prompt(messages)
+    if not tok.chat_template:
         why = f"has no chat template (drop the flag to use {PROMPT_TEMPLATE!r})"
-        raise UserError(f"--chat_template: the tokenizer of {tokenizer.name_or_path} {why}")
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        raise UserError(f"--chat_template: the tokenizer of {tok.name_or_path} {why}")
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    adds_bos = tok.bos_token is not None and tok("")["input_ids"][:1] == [tok.bos_token_id]
+    return prompt[len(tok.bos_token) :] if adds_bos and prompt.startswith(tok.bos_token) else prompt
+
+
+def apply_chat_template(rows, tokenizer):
+    """Rows re-rendered with the tokenizer's chat template; responses lose their leading space."""
     strip = lambda t: None if t is None else t.strip()
-    out = []
-    for r in rows:
-        prompt = tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-        if adds_bos and prompt.startswith(bos):
-            prompt = prompt[len(bos) :]
-        out.append({**r, "prompt": prompt, **{k: strip(r[k]) for k in ("chosen", "rejected", "response")}})
-    return out
+    keys = ("chosen", "rejected", "response")
+    return [{**r, "prompt": render_messages(r["messages"], tokenizer), **{k: strip(r[k]) for k in keys}} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +321,7 @@ def parse_split(text):
 
 
 def phase_indices(n, split, phase, seed):
-    """Indices of `n` rows that belong to `phase` (1-3): a seeded permutation cut in proportion to
-    `split`. Deterministic given the seed; the three phases are disjoint and cover all rows."""
+    """Indices of `n` rows in `phase` (1-3): a seeded permutation cut in proportion to `split` (disjoint, complete)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     total = sum(split)
     bounds = [0]
@@ -355,16 +355,19 @@ def phase_rows(paths, split, phase, seed, need_pairs=False, chat_tokenizer=None)
 def encode_pair(tokenizer, prompt, response, max_len, train_on_prompt=False):
     """input_ids and labels for prompt + response + EOS, truncated to max_len. Labels are -100 on the
     prompt (unless train_on_prompt), so the loss is on the response and its EOS only."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    p = encode_prompt(tokenizer, prompt)
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (p + r)[:max_len]
     labels = (p if train_on_prompt else [IGNORE_INDEX] * len(p)) + r
     return {"input_ids": ids, "labels": labels[:max_len]}
 
 
-def encode_prompt(tokenizer, prompt, max_len):
-    """Prompt ids for generation; an over-long prompt keeps its end (where "Assistant:" is)."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"][-max_len:]
+def encode_prompt(tokenizer, prompt, max_len=None):
+    """Prompt ids with the tokenizer's specials (a BOS) but never ending in EOS: a post-processor that closes every
+    text (BERT's [CLS] ... [SEP], with [SEP] as EOS) would end the dialogue before the answer. An over-long prompt
+    keeps its end (where "Assistant:" is)."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return (ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids)[-(max_len or len(ids)) :]
 
 
 def pad(seqs, value, left=False):
@@ -459,17 +462,16 @@ def cut_at_eos(tokens, eos_id):
 
 
 def rank_batches(n, batch_size):
-    """This rank's share of range(n) as lists of indices, `batch_size` at a time. Every rank gets the
-    same number of batches, since ZeRO-3 ranks gather parameters together in each forward; a rank with
-    nothing left gets [] (callers run a dummy item and drop its result)."""
+    """This rank's share of range(n), `batch_size` indices at a time. Every rank gets the same number of batches (ZeRO-3
+    ranks gather parameters together in each forward); a rank with nothing left gets [] (callers run a dummy item)."""
     mine = list(range(rank(), n, world_size()))
     calls = math.ceil(math.ceil(n / world_size()) / batch_size)
     return [mine[c * batch_size : (c + 1) * batch_size] for c in range(calls)]
 
 
 # --------------------------------------------------------------------------------------------
-# The tokenised cache: a datasets folder keyed by a hash of the rows themselves plus everything
-# else that changes the tokens (tokenizer, EOS, PAD, lengths, template), so edited files rebuild it.
+# The tokenised cache: a datasets folder keyed by a hash of the rows plus all else that changes the tokens (tokenizer,
+# EOS, PAD, lengths, template), so edited files rebuild it.
 def cache_key(rows, tokenizer, **settings):
     h = hashlib.sha256()
     for part in sorted(rows):
@@ -482,8 +484,7 @@ def cache_key(rows, tokenizer, **settings):
 
 
 def build_cached(name, rows, tokenizer, cache_dir, encode, **settings):
-    """{"train": Dataset, "eval": Dataset} of encode(row) for every row, from cache_dir/<name>-<key>;
-    rank 0 builds it while the other ranks wait, then all read it."""
+    """{"train", "eval"} Datasets of encode(row) for every row, from cache_dir/<name>-<key>; rank 0 builds it."""
     import datasets
 
     folder = os.path.join(cache_dir, f"{name}-{cache_key(rows, tokenizer, **settings)}")

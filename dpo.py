@@ -30,6 +30,7 @@ def parse_args(argv=None):
     g("--beta", type=float, default=0.1, help="strength of the implicit KL to the reference (Rafailov et al. 2023)")
     g("--loss_type", default="sigmoid", choices=LOSSES, help="sigmoid: DPO; ipo: Azar et al. 2023; hinge: SLiC")
     g("--label_smoothing", type=float, default=0.0, help="conservative DPO: the share of labels assumed flipped")
+    g("--rpo_alpha", type=float, default=0.0, help="weight of the chosen answers' NLL (RPO, Pang et al. 2024)")
     g("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     g("--num_train_epochs", type=int, default=1, help="passes over the phase-2 pairs")
@@ -62,11 +63,14 @@ def parse_args(argv=None):
     g("--lora_module_name", default=None, help="LoRA target (default: the family's decoder layers)")
     g("--only_optimize_lora", action="store_true", help="train only the LoRA weights")
     g("--lora_learning_rate", type=float, default=5e-4, help="learning rate of the LoRA weights")
+    g("--load_in_4bit", action="store_true", help="QLoRA: frozen base weights in 4 bits (bitsandbytes); needs LoRA")
+    g("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type of --load_in_4bit")
     # ---- evaluation and logging
     g = p.add_argument_group("evaluation and logging").add_argument
     g("--eval_interval", type=int, default=0, help="evaluate every N optimizer steps (0: start and end only)")
-    g("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
-    g("--tensorboard_path", default="dpo_tensorboard", help="tensorboard folder")
+    g("--report_to", nargs="+", default=["none"], choices=common.REPORT_TO, help="DeepSpeed monitors to log to")
+    g("--enable_tensorboard", action="store_true", help="the same as --report_to tensorboard (DeepSpeed-Chat's flag)")
+    g("--tensorboard_path", default="dpo_tensorboard", help="folder of the tensorboard and csv logs")
     g("--print_loss", action="store_true", help="print the loss at every step")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
     args = p.parse_args(argv)
@@ -78,6 +82,7 @@ def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
     common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
+    common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
         data.resolve_source(path)
@@ -89,6 +94,10 @@ def check_args(args):
         raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
     if args.only_optimize_lora and args.lora_dim == 0:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    if args.load_in_4bit:
+        common.check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim)
+        if args.offload_reference_model:  # offloading is ZeRO-3's, which cannot hold packed 4-bit weights
+            raise UserError("--offload_reference_model with --load_in_4bit: the 4-bit reference stays on the device")
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
@@ -117,6 +126,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     return losses.mean(), beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def nll_loss(policy_chosen, chosen_tokens):
+    """RPO (Pang et al. 2024, eq. 3): -log pi(y_w) / |y_w|, averaged over pairs; keeps the chosen answers likely, which
+    DPO alone may lower along with the rejected ones. policy_chosen: [B] summed log-probs; chosen_tokens: [B]."""
+    return (-policy_chosen / chosen_tokens).mean()
 
 
 def build_data(args, tokenizer):
@@ -222,12 +237,14 @@ def main(argv=None):
     )
 
     # ---- models: the policy (LoRA, optimizer, schedule) and its frozen reference, ZeRO-3 sharded when the policy is
-    board = (args.tensorboard_path, "dpo") if args.enable_tensorboard else None
-    ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, tensorboard=board)
-    model = common.load_model(path, tokenizer, dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg)
+    mon = common.monitors(args.report_to, args.tensorboard_path, "dpo")
+    ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
+    quant = args.bnb_4bit_quant_type if args.load_in_4bit else None  # QLoRA: the reference is the same 4-bit weights
+    kw = dict(dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg, quant=quant, dtype=args.dtype)
+    model = common.load_model(path, tokenizer, **kw)
     if args.lora_dim > 0:
         common.convert_to_lora(model, args.lora_module_name or common.default_lora_module(model), args.lora_dim)
-        if args.only_optimize_lora:
+        if args.only_optimize_lora or args.load_in_4bit:  # 4-bit weights cannot train
             common.only_optimize_lora(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -235,12 +252,12 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, *lrs, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    ref_model = common.load_model(path, tokenizer, dropout=0.0).requires_grad_(False)
+    ref_model = common.load_model(path, tokenizer, dropout=0.0, quant=quant, dtype=args.dtype).requires_grad_(False)
     ref_stage = 3 if args.zero_stage == 3 or args.offload_reference_model else 0
     ref_cfg = common.ds_config(ref_stage, args.dtype, micro, offload=args.offload_reference_model, train=False)
     ref, *_ = deepspeed.initialize(model=ref_model, config=ref_cfg)
     ref.eval()
-    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
     eval_args = (engine, ref, eval_loader, prompts, checker, tokenizer, args, device)
     loss_args = (args.beta, args.loss_type, args.label_smoothing)
 
@@ -259,7 +276,10 @@ def main(argv=None):
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad():
                 ref_logps = pair_logprobs(ref, batch)  # the frozen reference's: chosen [B], rejected [B]
-            loss, chosen, rejected = dpo_loss(*pair_logprobs(engine, batch), *ref_logps, *loss_args)
+            policy = pair_logprobs(engine, batch)
+            loss, chosen, rejected = dpo_loss(*policy, *ref_logps, *loss_args)
+            if args.rpo_alpha:
+                loss = loss + args.rpo_alpha * nll_loss(policy[0], (batch["labels"] != -100).sum(1).chunk(2)[0])
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances the counter
             if not common.backward_step(engine, loss):
                 skipped += 1
@@ -274,8 +294,6 @@ def main(argv=None):
                 figures["samples_per_s"] = seen / (time.time() - t0)
                 print_rank0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
                 log.write(step, {**figures, "skipped": skipped})
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([(f"train/{k}", v, step) for k, v in figures.items()])
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 mid, _ = evaluate(*eval_args)
                 log.write(step, mid)

@@ -30,6 +30,7 @@ from common import UserError, print_rank0
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 GROUP = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean"}  # and its loss mode
+ROLES = ("actor", "critic", "ref", "reward")  # the four models; each may load in 4 bits
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -108,6 +109,11 @@ def parse_args(argv=None):
     g("--only_optimize_lora", action="store_true", help="train only LoRA weights (and the critic's v_head)")
     g("--actor_lora_learning_rate", type=float, default=5e-4, help="actor LoRA learning rate")
     g("--critic_lora_learning_rate", type=float, default=5e-4, help="critic LoRA learning rate")
+    g("--actor_load_in_4bit", action="store_true", help="QLoRA actor: 4-bit frozen base (needs --actor_lora_dim)")
+    g("--critic_load_in_4bit", action="store_true", help="QLoRA critic: 4-bit frozen base (needs --critic_lora_dim)")
+    g("--ref_load_in_4bit", action="store_true", help="the frozen reference model in 4 bits")
+    g("--reward_load_in_4bit", action="store_true", help="the frozen reward model in 4 bits")
+    g("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type of the *_load_in_4bit")
     g("--enable_hybrid_engine", action="store_true", help="DeepSpeed hybrid engine for generation (or a fallback)")
     g("--unpin_actor_parameters", action="store_true", help="hybrid engine: do not pin actor parameters")
     g("--release_inference_cache", action="store_true", help="hybrid engine: free its cache after generation")
@@ -120,8 +126,9 @@ def parse_args(argv=None):
     g("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     g("--print_answers", action="store_true", help="print sample answers at every step")
     g("--print_answers_interval", type=int, default=20, help="print sample answers every N steps (0: never)")
-    g("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
-    g("--tensorboard_path", default="step3_tensorboard", help="tensorboard folder")
+    g("--report_to", nargs="+", default=["none"], choices=common.REPORT_TO, help="DeepSpeed monitors to log to")
+    g("--enable_tensorboard", action="store_true", help="the same as --report_to tensorboard (DeepSpeed-Chat's flag)")
+    g("--tensorboard_path", default="step3_tensorboard", help="folder of the tensorboard and csv logs")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
     args = p.parse_args(argv)
     check_args(args)
@@ -133,6 +140,7 @@ def check_args(args):
     common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage", args.offload)
     common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage", args.offload)
     args.dtype = common.check_dtype(args.dtype)
+    common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
         data.resolve_source(path)
@@ -156,6 +164,17 @@ def check_args(args):
         raise UserError(f"--temperature {args.temperature}: must be > 0")
     if args.only_optimize_lora and not (args.actor_lora_dim or args.critic_lora_dim):
         raise UserError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
+    for role in ("actor", "critic") if args.advantage_estimator == "gae" else ("actor",):
+        if getattr(args, f"{role}_load_in_4bit"):
+            stage, lora = (f"--{role}_zero_stage", getattr(args, f"{role}_zero_stage")), f"--{role}_lora_dim"
+            common.check_4bit(f"--{role}_load_in_4bit", stage[1], stage[0], getattr(args, f"{role}_lora_dim"), lora)
+    for role, offload in (("ref", "reference"), ("reward", "reward")):  # frozen: ZeRO-0, offloading is ZeRO-3's
+        if getattr(args, f"{role}_load_in_4bit"):
+            common.check_4bit(f"--{role}_load_in_4bit", 0)
+            if getattr(args, f"offload_{offload}_model"):
+                raise UserError(
+                    f"--offload_{offload}_model with --{role}_load_in_4bit: ZeRO-3 cannot hold 4-bit weights"
+                )
     if args.resume and not common.latest_checkpoint(os.path.join(args.output_dir, "checkpoints")):
         raise UserError(f"--resume: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
     common.check_output_dir(args.output_dir)
@@ -374,6 +393,7 @@ class PPOTrainer:
         self.tokenizer, self.device = engine.tokenizer, engine.device
         self.kl_coef = args.kl_coef  # moved by adaptive_kl_coef when --target_kl is set
         self.skipped = 0  # micro-batch updates dropped for a non-finite loss (or reward)
+        self.generate_kwargs = {}  # more generate() arguments: scripts/bench.py forces full-length answers
 
     def logits(self, engine, seq, attn, query_len):
         """Logits that predict each response token: [B, Tq + Tr, V] -> [B, Tr, V]. Position t predicts token t + 1,
@@ -389,6 +409,7 @@ class PPOTrainer:
         kw = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": not greedy}
         if not greedy:
             kw.update(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
+        kw.update(self.generate_kwargs)
         with common.generation_model(e.actor, e.hybrid, a.actor_zero_stage == 3) as model:
             out = model.generate(query, attention_mask=query_mask, max_new_tokens=a.max_answer_seq_len, **kw)
         response = out[:, query.shape[1] :]
@@ -515,7 +536,7 @@ def main(argv=None):
     engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, total_steps * updates_per_step, device)
     trainer, engines = PPOTrainer(engine, args), {"actor": engine.actor, "critic": engine.critic}
     engines = {tag: e for tag, e in engines.items() if e is not None}
-    log = common.CSVLog(out("log.csv"), append=args.resume)
+    log = common.CSVLog(out("log.csv"), append=args.resume, engine=engine.actor, group="ppo")
     state = {"step": 0, "metrics_start": None}
     if args.resume:  # engines, optimizers, RNG, EMA and our counters, as an uninterrupted run had them
         state = common.load_checkpoint(checkpoints, engines, engine.ema)
@@ -594,11 +615,9 @@ def prompt_batch(prompts, idx, pad_id):
 
 
 def log_step(step, total_steps, m, log, engine, trainer, exp=None):
-    """log.csv (and tensorboard), one console line, and a few sample answers of `exp` when given."""
+    """log.csv (and --report_to), one console line, and a few sample answers of `exp` when given."""
     log.write(step, m)
     skipped = f" | skipped {trainer.skipped} non-finite updates" if trainer.skipped else ""
-    if engine.actor.monitor.enabled:
-        engine.actor.monitor.write_events([(f"ppo/{k}", v, step) for k, v in m.items()])
     shown = [("reward", "reward", ".3f"), ("kl", "kl", ".3f"), ("ent", "entropy", ".3f")]  # (name, key, format)
     shown += [("len", "response_length", ".1f"), ("eos", "eos_rate", ".2f"), ("clipfrac", "clipfrac", ".3f")]
     shown += [("approx_kl", "approx_kl", ".4f"), ("vf_loss", "critic_loss", ".4f"), ("vf_clip", "vf_clipfrac", ".3f")]
@@ -619,37 +638,44 @@ class RLHFEngine:
 
     def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
         a, self.args, self.tokenizer, self.device = args, args, tokenizer, device or torch.device("cpu")
-        self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available()
+        self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available() and not a.actor_load_in_4bit
         if a.enable_hybrid_engine and not self.hybrid:
-            print_rank0("warning: the hybrid engine needs a CUDA GPU; falling back to ZeRO-gathered generate")
+            print_rank0(
+                "warning: the hybrid engine needs a CUDA GPU and a 16/32-bit actor; using ZeRO-gathered generate"
+            )
         cfg = self._train_cfg(a.actor_zero_stage)
         if self.hybrid:
             he = {"enabled": True, "max_out_tokens": a.max_prompt_seq_len + a.max_answer_seq_len}
             he.update(inference_tp_size=a.inference_tp_size, release_inference_cache=a.release_inference_cache)
             he.update(pin_parameters=not a.unpin_actor_parameters, tp_gather_partition_size=a.tp_gather_partition_size)
             cfg["hybrid_engine"] = he
-        model = common.load_model(actor, tokenizer, dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg)
+        quant = {r: a.bnb_4bit_quant_type if getattr(a, f"{r}_load_in_4bit") else None for r in ROLES}
+        kw = dict(dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg, dtype=a.dtype)
+        model = common.load_model(actor, tokenizer, quant=quant["actor"], **kw)
         self.actor = self._trained(model, model, cfg, total_updates, "actor")
         if self.hybrid:
             self.hybrid = common.probe_hybrid_engine(self.actor, tokenizer, self.device)
-        ref = common.load_model(actor, tokenizer, dropout=0.0)  # a frozen copy of the actor
-        self.ref = self._frozen(ref, a.actor_zero_stage, a.offload_reference_model)
+        ref = common.load_model(actor, tokenizer, dropout=0.0, quant=quant["ref"], dtype=a.dtype)  # a frozen copy
+        self.ref = self._frozen(ref, 0 if quant["ref"] else a.actor_zero_stage, a.offload_reference_model)
         self.critic = self.reward = self.reward_stats = None  # critic-free estimators have no critic
         if critic:
-            cfg = self._train_cfg(a.critic_zero_stage)
-            model, _ = common.load_reward_model(critic, tokenizer, a.critic_dropout, a.critic_zero_stage, cfg)
+            cfg = self._train_cfg(a.critic_zero_stage, monitors=False)
+            kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"], dtype=a.dtype)
+            model, _ = common.load_reward_model(critic, tokenizer, a.critic_dropout, **kw)
             self.critic = self._trained(model, model.backbone, cfg, total_updates, "critic")
         if reward:  # else --reward_fn scores the answers
-            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, dropout=0.0)
-            self.reward = self._frozen(reward_model, a.critic_zero_stage, a.offload_reward_model)
+            kw = dict(dropout=0.0, quant=quant["reward"], dtype=a.dtype)
+            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, **kw)
+            stage = 0 if quant["reward"] else a.critic_zero_stage
+            self.reward = self._frozen(reward_model, stage, a.offload_reward_model)
         self.reward_fn = load_reward_fn(a.reward_fn, a.data_path) if a.reward_fn else None
         self.ema = EMA(self.actor.module) if a.enable_ema else None
 
-    def _train_cfg(self, stage):
+    def _train_cfg(self, stage, monitors=True):  # the actor's engine logs (--report_to) for the whole step
         a = self.args
-        board = (a.tensorboard_path, "step3_ppo") if a.enable_tensorboard else None
+        mon = common.monitors(a.report_to, a.tensorboard_path, "step3_ppo") if monitors else None
         micro, accum = a.per_device_training_batch_size, a.gradient_accumulation_steps
-        return common.ds_config(stage, a.dtype, micro, accum, a.offload, tensorboard=board)
+        return common.ds_config(stage, a.dtype, micro, accum, a.offload, monitors=mon)
 
     def _trained(self, model, backbone, cfg, total_updates, role):
         """LoRA, gradient checkpointing, optimizer and schedule for the actor or critic (flags --<role>_...)."""
@@ -660,7 +686,7 @@ class RLHFEngine:
         if flag("lora_dim"):
             module = flag("lora_module_name") or common.default_lora_module(backbone)
             common.convert_to_lora(backbone, module, flag("lora_dim"), f"--{role}_lora_module_name")
-            if a.only_optimize_lora:
+            if a.only_optimize_lora or flag("load_in_4bit"):  # 4-bit weights cannot train
                 common.only_optimize_lora(backbone)
         if flag("gradient_checkpointing"):
             backbone.gradient_checkpointing_enable()
@@ -686,11 +712,12 @@ class EMA:
     def __init__(self, module, beta=0.992):
         self.beta = beta
         params = common.gather_params(module)
-        self.shadow = None if params is None else {k: v.float() for k, v in params.items()}
+        self.shadow = None if params is None else {k: v.float() for k, v in params.items() if v.is_floating_point()}
 
-    def update(self, module):
+    def update(self, module):  # packed 4-bit weights (frozen) are not averaged: saving unpacks them from the module
         for k, v in (common.gather_params(module) or {}).items():
-            self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
+            if k in self.shadow:
+                self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
 
     def state_dict(self, module):  # saveable (rank 0; None elsewhere): the model's dtypes, LoRA fused
         dtypes = {n: p.dtype for n, p in module.named_parameters()}

@@ -65,13 +65,16 @@ def parse_args(argv=None):
     g("--lora_module_name", default=None, help="LoRA target (default: the family's decoder layers)")
     g("--only_optimize_lora", action="store_true", help="train only the LoRA weights (and v_head)")
     g("--lora_learning_rate", type=float, default=5e-4, help="learning rate of the LoRA weights")
+    g("--load_in_4bit", action="store_true", help="QLoRA: frozen base weights in 4 bits (bitsandbytes); needs LoRA")
+    g("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type of --load_in_4bit")
     g("--num_padding_at_beginning", type=int, default=None, help="DeepSpeed-Chat's; ignored (the mask finds the end)")
     # ---- evaluation and logging
     g = p.add_argument_group("evaluation and logging").add_argument
     g("--eval_interval", type=int, default=0, help="evaluate every N optimizer steps (0: start and end only)")
     g("--eval_iters", type=int, default=0, help="eval micro-batches per evaluation (0: the whole eval split)")
-    g("--enable_tensorboard", action="store_true", help="log to tensorboard through DeepSpeed's monitor")
-    g("--tensorboard_path", default="step2_tensorboard", help="tensorboard folder")
+    g("--report_to", nargs="+", default=["none"], choices=common.REPORT_TO, help="DeepSpeed monitors to log to")
+    g("--enable_tensorboard", action="store_true", help="the same as --report_to tensorboard (DeepSpeed-Chat's flag)")
+    g("--tensorboard_path", default="step2_tensorboard", help="folder of the tensorboard and csv logs")
     g("--print_loss", action="store_true", help="print the loss at every step")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
     args = p.parse_args(argv)
@@ -83,6 +86,7 @@ def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
     common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
+    common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
         data.resolve_source(path)
@@ -90,6 +94,8 @@ def check_args(args):
     common.check_at_least_one(args, *sizes)
     if args.only_optimize_lora and args.lora_dim == 0:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
+    if args.load_in_4bit:
+        common.check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim)
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
@@ -185,13 +191,16 @@ def main(argv=None):
     )
 
     # ---- model: backbone + v_head, LoRA, optimizer, schedule, DeepSpeed engine
-    board = (args.tensorboard_path, "step2_reward") if args.enable_tensorboard else None
-    ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, tensorboard=board)
-    model, _ = load_reward_model(args.model_name_or_path, tokenizer, args.dropout, args.zero_stage, ds_cfg)
+    mon = common.monitors(args.report_to, args.tensorboard_path, "step2_reward")
+    ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
+    quant = args.bnb_4bit_quant_type if args.load_in_4bit else None
+    model, _ = load_reward_model(
+        args.model_name_or_path, tokenizer, args.dropout, args.zero_stage, ds_cfg, quant, args.dtype
+    )
     if args.lora_dim > 0:
         module = args.lora_module_name or common.default_lora_module(model.backbone)
         common.convert_to_lora(model.backbone, module, args.lora_dim)
-        if args.only_optimize_lora:
+        if args.only_optimize_lora or args.load_in_4bit:  # 4-bit weights cannot train
             common.only_optimize_lora(model.backbone)
     if args.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
@@ -199,7 +208,7 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, *lrs, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"))
+    log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
 
     # ---- loop
     start = evaluate(engine, eval_loader, args, device, kinds)
@@ -231,8 +240,6 @@ def main(argv=None):
                     f"{speed:.1f} pairs/s"
                 )
                 log.write(step, {"loss": loss.item(), "train_accuracy": acc, "lr": lr, "skipped": skipped})
-                if engine.monitor.enabled:
-                    engine.monitor.write_events([("train/loss", loss.item(), step), ("train/accuracy", acc, step)])
                 correct = []
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 mid = evaluate(engine, eval_loader, args, device, kinds)

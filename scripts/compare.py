@@ -8,8 +8,10 @@ and wall time (mean, min, max over the seeds).
 
 Every run generates the same number of responses (--max_steps x 64), so the columns compare equal sampling budgets:
 the group estimators sample 4 responses to each of 16 prompts per step where gae samples one to each of 64.
-Finished runs are read back, not redone (delete a run's folder to redo it). dpo.py's run, when present, joins the
-table as "dpo (pairs, no sampling)".
+Finished runs are read back, not redone (delete a run's folder to redo it). dpo.py's runs, when present, join the
+table: <output-dir>/dpo_seed<S> (plain DPO) and dpo_rpo_seed<S> (with --rpo_alpha 1), e.g.
+
+    python dpo.py --model_name_or_path output/step1_sft --seed 1 --rpo_alpha 1 --output_dir compare/dpo_rpo_seed1
 """
 
 import argparse
@@ -30,6 +32,9 @@ RUNS = {  # name -> ppo.py flags (besides --actor and the budget)
     "rloo": [*GROUP, "--advantage_estimator", "rloo"],
     "reinforce_pp": ["--reward_fn", "checker", "--advantage_estimator", "reinforce_pp"],
 }
+
+
+DPO_RUNS = {"dpo (pairs, no sampling)": "dpo_seed", "dpo + chosen NLL (--rpo_alpha 1)": "dpo_rpo_seed"}  # folders
 
 
 def parse_args(argv=None):
@@ -96,12 +101,11 @@ def main(argv=None):
             row = summarise(folder)
             row["gain"] = 100 * (row["after"] - row["before"])
             results.setdefault(name, []).append(row)
-    for seed in args.seeds:  # dpo.py's runs, when they exist (scripts/compare.py does not start them)
-        row = summarise(os.path.join(args.output_dir, f"dpo_seed{seed}"))
-        if row is not None:
-            results.setdefault("dpo (pairs, no sampling)", []).append(
-                {**row, "gain": 100 * (row["after"] - row["before"])}
-            )
+    for name, prefix in DPO_RUNS.items():  # dpo.py's runs, when they exist (scripts/compare.py does not start them)
+        for seed in args.seeds:
+            row = summarise(os.path.join(args.output_dir, f"{prefix}{seed}"))
+            if row is not None:
+                results.setdefault(name, []).append({**row, "gain": 100 * (row["after"] - row["before"])})
     out = table(results)
     print("\n" + out)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
@@ -100,6 +101,25 @@ def test_bad_model_paths_are_refused(tmp_path):
         common.check_model_path(str(tmp_path))
     with pytest.raises(UserError, match="unknown tiny model type"):
         common.check_model_path("tiny:nonsense")
+    with pytest.raises(UserError, match=r"tiny:gpt2@width=3: bad size 'width=3' \(expected key=integer, keys: hidden"):
+        common.check_model_path("tiny:gpt2@width=3")
+
+
+def test_tiny_size_specs_build_the_shape_asked_for():
+    import builtin
+
+    for spec, (hidden, layers, ffn_key, ffn) in {
+        "gpt2@hidden=256,layers=4,ffn=1024,positions=512": (256, 4, "n_inner", 1024),
+        "opt@hidden=64,layers=2,heads=2,ffn=128": (64, 2, "ffn_dim", 128),
+        "llama@hidden=96,layers=5,heads=6,ffn=200": (96, 5, "intermediate_size", 200),
+        "opt-350m": (1024, 24, "ffn_dim", 4096),
+    }.items():
+        model_type, kw = builtin.tiny_config(spec)
+        config = transformers.AutoConfig.for_model(model_type, **kw)
+        assert (config.hidden_size, config.num_hidden_layers, getattr(config, ffn_key)) == (hidden, layers, ffn), spec
+    assert builtin.tiny_config("opt-350m")[1]["word_embed_proj_dim"] == 512  # opt-350m projects, as the real one
+    assert builtin.tiny_config("opt@hidden=64")[1]["word_embed_proj_dim"] == 64
+    assert builtin.tiny_config("gpt2@positions=512")[1]["n_positions"] == 512
 
 
 def test_ds_config_batch_hierarchy_and_offload():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_stage
-from dpo import dpo_loss, sequence_logprobs
+from dpo import dpo_loss, nll_loss, sequence_logprobs
 
 # two pairs of summed log-probs: policy chosen/rejected, reference chosen/rejected
 PC, PR, RC, RR = (
@@ -40,6 +40,11 @@ def test_dpo_loss_matches_hand_computation(loss_type, smoothing):
     )
 
 
+def test_rpo_nll_is_the_per_token_negative_log_likelihood_of_the_chosen_answers():
+    # Pang et al. 2024 eq. 3: -log pi(y_w) / |y_w|; answers of 2 and 4 tokens with summed log-probs -1 and -2
+    assert nll_loss(torch.tensor([-1.0, -2.0]), torch.tensor([2, 4])).item() == pytest.approx((0.5 + 0.5) / 2)
+
+
 def test_sequence_logprobs_sum_only_the_labelled_tokens():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))  # positions 0..2 predict tokens 1..3
     labels = torch.tensor([[-100, -100, 0, 1]])  # the prompt is tokens 0-1; the response tokens 2, 3 are 0 then 1
@@ -57,7 +62,8 @@ def _metrics(out):
 
 def test_dpo_with_lora_trains_and_writes_a_plain_model_and_generations(tmp_path):
     out = str(tmp_path / "dpo")
-    proc = run_stage(["dpo.py", "--model_name_or_path", "tiny:gpt2", *SMALL, "--lora_dim", "4", "--output_dir", out])
+    flags = ["--lora_dim", "4", "--rpo_alpha", "1.0"]
+    proc = run_stage(["dpo.py", "--model_name_or_path", "tiny:gpt2", *SMALL, *flags, "--output_dir", out])
     assert "dpo (sigmoid, beta 0.1)" in proc.stdout and "step 4/4" in proc.stdout
     m = _metrics(out)
     assert m["eval_reward_accuracy_start"] == 0.0 and m["eval_margin_start"] == 0.0  # policy = reference at the start

@@ -1,0 +1,54 @@
+"""Tokenizers that are not ours (tests/foreign_tokenizers.py): the prompt/response encoding keeps the conventions (no
+EOS inside a prompt, EOS closing every response), the checker judges their decoded answers, and each passes
+SFT -> reward -> PPO for a few steps."""
+
+import json
+import os
+
+import pytest
+from foreign_tokenizers import KINDS, build_model_folder
+
+import builtin
+import common
+import data
+from conftest import run_stage
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tokenizers"))
+    return {kind: build_model_folder(kind, root) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoding_conventions_and_the_checker_hold(kind, folders):
+    tok = common.load_tokenizer(folders[kind])
+    assert tok.pad_token_id != tok.eos_token_id  # a distinct PAD is added where the tokenizer has none or shares EOS
+    prompt = data.format_prompt("sort: d b a c")
+    ids = data.encode_prompt(tok, prompt)
+    assert ids[-1] != tok.eos_token_id  # BERT's post-processor closes every text with [SEP], here the EOS
+    pair = data.encode_pair(tok, prompt, " a b c d", 512)
+    labelled = [t for t, lab in zip(pair["input_ids"], pair["labels"]) if lab != data.IGNORE_INDEX]
+    assert pair["input_ids"][: len(ids)] == ids and labelled[-1] == tok.eos_token_id
+    for answer, right in ((" a b c d", True), (" a b d c", False)):  # as a stage decodes a generated answer
+        generated = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
+        text = tok.decode(data.cut_at_eos(generated, tok.eos_token_id), skip_special_tokens=True)
+        assert builtin.sort_check(prompt, text) is right, (kind, text)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sft_reward_ppo_run_with_a_foreign_tokenizer(kind, folders, tmp_path):
+    sft, rm, ppo = (str(tmp_path / x) for x in ("sft", "rm", "ppo"))
+    few = ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"]
+    run_stage(["sft.py", "--model_name_or_path", folders[kind], *few, "--max_steps", "6", "--eval_max_new_tokens",
+               "8", "--output_dir", sft])  # fmt: skip
+    m = json.load(open(os.path.join(sft, "metrics.json")))
+    assert m["eval_perplexity"] < m["eval_perplexity_start"]
+    run_stage(["reward.py", "--model_name_or_path", sft, *few, "--max_steps", "6", "--output_dir", rm])
+    flags = ["--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "4", "--max_steps", "2"]
+    proc = run_stage(
+        ["ppo.py", "--actor", sft, "--reward", rm, *flags, "--max_answer_seq_len", "8", "--output_dir", ppo]
+    )
+    assert "step 2/2" in proc.stdout
+    rows = [json.loads(x) for x in open(os.path.join(ppo, "eval_generations.jsonl"))]
+    assert rows and all(r["correct"] == builtin.sort_check(r["prompt"], r["response"]) for r in rows)
