@@ -105,6 +105,7 @@ def step_command(i, args):
         cmd += ["--zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
     elif args.algo == "dpo":
         cmd = ["--model_name_or_path", out(1), "--eval_interval", str(EVAL_INTERVAL * 4)]
+        cmd += ["--rpo_alpha", "1"]  # plain DPO unlearns the demo's chosen answers (README, DPO); --step3-args override
         cmd += ["--zero_stage", str(args.actor_zero_stage)] if args.actor_zero_stage is not None else []
     else:
         cmd = ["--actor", out(1), *(["--reward_fn", args.reward_fn] if args.reward_fn else ["--reward", out(2)])]

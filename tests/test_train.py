@@ -110,6 +110,9 @@ def test_algo_dpo_runs_step_1_then_dpo_and_reports_it(tmp_path):
     assert c3[0].endswith("dpo.py") and c3[c3.index("--model_name_or_path") + 1] == os.path.join(
         str(tmp_path), "step1_sft"
     )
+    assert c3[c3.index("--rpo_alpha") + 1] == "1"  # the demo's DPO keeps the chosen answers' NLL (README, DPO)
+    plain = train.step_command(3, train.parse_args(["--algo", "dpo", "--step3-args", "--rpo_alpha 0"]))
+    assert plain[-2:] == ["--rpo_alpha", "0"]  # after ours: argparse keeps the last one given
     os.makedirs(tmp_path / "dpo")
     metrics = {
         "eval_accuracy_start": 0.5,
