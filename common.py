@@ -1,6 +1,6 @@
-"""Shared plumbing, nothing of the algorithm: distributed setup, argument checks, the DeepSpeed config, model loading
-(hub name, folder or tiny:<type>) and the reward model, LoRA, the optimizer, atomic saving, checkpoints, EMA and the
-hybrid-engine toggle. DeepSpeed is imported lazily (it takes seconds): `--help` and argument errors are instant."""
+"""Shared plumbing, nothing of the algorithm: distributed setup, argument checks, the DeepSpeed config and monitors,
+model loading (hub name, folder or tiny:<type>), the reward model, the optimizer, atomic saving, EMA, checkpoints, the
+log, the hybrid-engine toggle (LoRA: lora.py; 4-bit: qlora.py). DeepSpeed is imported lazily: `--help` is instant."""
 
 import contextlib
 import importlib.util
@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import builtin
+import qlora
 
 
 class UserError(Exception):
@@ -73,6 +73,14 @@ def barrier():
         torch.distributed.barrier()
 
 
+def gather_lists(items):  # every rank's list, concatenated in rank order, on every rank
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return items
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
 def all_reduce_sum(values, device):  # a list of floats (sums, counters, flags) summed over ranks
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -111,16 +119,6 @@ def check_dtype(dtype):  # auto -> bf16 on a GPU, fp32 on CPU; fp16 refused with
 def check_at_least_one(args, *flags):
     for flag in (f for f in flags if getattr(args, f) < 1):
         raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-
-
-def check_4bit(flag, zero_stage, stage_flag="--zero_stage", lora_dim=None, lora_flag="--lora_dim"):
-    """A model loaded in 4 bits (QLoRA); lora_dim None: a frozen model, else it trains and needs LoRA."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
-    if zero_stage == 3:
-        raise UserError(f"{flag} with {stage_flag} 3: ZeRO-3 cannot shard bitsandbytes' packed weights; use 0-2")
-    if lora_dim == 0:
-        raise UserError(f"{flag} needs {lora_flag} > 0: 4-bit weights are frozen, only LoRA weights train")
 
 
 def check_output_dir(path):
@@ -184,20 +182,18 @@ REPORT_TO = ("none", "tensorboard", "wandb", "csv")
 def check_report_to(args):
     """--enable_tensorboard (DeepSpeed-Chat's flag) is --report_to tensorboard; each backend's package is installed."""
     args.report_to = sorted(set(args.report_to + ["tensorboard"] * args.enable_tensorboard) - {"none"})
-    for backend, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if backend in args.report_to and importlib.util.find_spec(package) is None:
-            how = " (WANDB_MODE=offline needs no account)" if backend == "wandb" else ""
-            raise UserError(f"--report_to {backend} needs the {package} package: pip install {package}{how}")
+    for package in ("tensorboard", "wandb"):
+        if package in args.report_to and importlib.util.find_spec(package) is None:
+            how = " (WANDB_MODE=offline needs no account)" if package == "wandb" else ""
+            raise UserError(f"--report_to {package} needs the {package} package: pip install {package}{how}")
 
 
 def monitors(report_to, path, job):
     """DeepSpeed's monitor config for ds_config: tensorboard and csv files under path/job, wandb project minirlhf."""
-    cfg = {k: {"enabled": True, "output_path": path, "job_name": job} for k in report_to if k != "wandb"}
-    cfg = {"csv_monitor" if k == "csv" else k: v for k, v in cfg.items()}
-    return {
-        **cfg,
-        **({"wandb": {"enabled": True, "project": "minirlhf", "group": job}} if "wandb" in report_to else {}),
-    }
+    files = {"enabled": True, "output_path": path, "job_name": job}
+    wandb = {"enabled": True, "project": "minirlhf", "group": job}
+    names = {"tensorboard": ("tensorboard", files), "csv": ("csv_monitor", files), "wandb": ("wandb", wandb)}
+    return dict(names[k] for k in report_to)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,22 +218,13 @@ def load_tokenizer(name, flag="--model_name_or_path"):
     return tokenizer
 
 
-_DROPOUT_KEYS = "dropout attention_dropout hidden_dropout activation_dropout resid_pdrop embd_pdrop attn_pdrop"
-_DROPOUT_KEYS = (_DROPOUT_KEYS + " resid_dropout embed_dropout summary_first_dropout").split()
+_DROPOUT_KEYS = ("dropout attention_dropout hidden_dropout activation_dropout resid_pdrop embd_pdrop attn_pdrop "
+                 "resid_dropout embed_dropout summary_first_dropout").split()  # fmt: skip
 
 
-def load_model(
-    name,
-    tokenizer,
-    auto_class="AutoModelForCausalLM",
-    dropout=None,
-    zero_stage=0,
-    ds_cfg=None,
-    quant=None,
-    dtype="fp32",
-):
+def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None, quant=None):
     """fp32 model (DeepSpeed casts it), embeddings fit to the tokenizer, dropouts set; ZeRO-3 shards it as it loads.
-    quant "nf4"/"fp4": linear layers packed to 4 bits by bitsandbytes, computed in `dtype` (QLoRA)."""
+    quant (type, dtype), e.g. ("nf4", "bf16"): linear layers packed to 4 bits by bitsandbytes, computed in dtype."""
     import transformers
 
     path = resolve_model(name)
@@ -245,29 +232,13 @@ def load_model(
     for key in _DROPOUT_KEYS if dropout is not None else []:
         if hasattr(config, key):
             setattr(config, key, dropout)
-    sharded = None
-    if zero_stage == 3 and ds_cfg is not None:  # ZeRO-3 shards the weights as they load while this object lives
-        from transformers.integrations import HfDeepSpeedConfig
-
-        sharded = HfDeepSpeedConfig(ds_cfg)
-    kwargs = {}
-    if quant:  # Dettmers et al. 2023: double quantization, the compute dtype of the rest of the model
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        )
-        cuda = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-        kwargs.update(device_map={"": cuda}, dtype=torch.float32)
+    sharded = None  # under ZeRO-3 the weights are sharded as they load, while this object lives
+    if zero_stage == 3 and ds_cfg is not None:  # (imported here: transformers' deepspeed module imports DeepSpeed)
+        sharded = importlib.import_module("transformers.integrations").HfDeepSpeedConfig(ds_cfg)
+    kwargs = qlora.load_kwargs(*quant) if quant else {}
     model = getattr(transformers, auto_class).from_pretrained(path, config=config, **kwargs)
-    if quant:  # GPT-2's Conv1D ([in, out]) became Linear4bit ([out, in]): remember it, saving turns it back
-        from transformers.pytorch_utils import Conv1D
-
-        with torch.device("meta"):
-            plain = dict(getattr(transformers, auto_class).from_config(config).named_modules())
-        for n, m in ((n, m) for n, m in model.named_modules() if is_4bit(m)):
-            m.hf_transposed = isinstance(plain.get(n), Conv1D)
-            m.support_avx512bf16_for_cpu = False  # its CPU eval shortcut repacks the weight in place for a bf16
-            # kernel: the weight then no longer dequantizes, and a training forward after it fails
+    if quant:
+        qlora.prepare(model, getattr(transformers, auto_class), config)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
     for cfg in (model.config, getattr(model, "generation_config", None)):
@@ -328,7 +299,7 @@ class RewardModel(nn.Module):
         return end_scores(self(input_ids, attention_mask), attention_mask)
 
 
-def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None, dtype="fp32"):
+def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None):
     """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head."""
     from safetensors import safe_open
     from transformers.utils import logging as hf_logging
@@ -336,7 +307,7 @@ def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # v_head.* are "unexpected" to AutoModel: we load them below
     try:
-        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg, quant, dtype))
+        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg, quant))
     finally:
         hf_logging.set_verbosity(verbosity)
     folder = resolve_model(name)
@@ -360,77 +331,6 @@ def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
         for k, v in (stats or {}).items():
             setattr(model.backbone.config, k, v)
     save_hf(model.backbone, tokenizer, output_dir, json_files, sd, gathered=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA in DeepSpeed-Chat's layout (lora_right_weight, lora_left_weight, lora_scaling, fuse_lora): the convention
-# DeepSpeed's hybrid engine knows how to fuse. nn.Linear and GPT-2's Conv1D (weight stored transposed, [in, out]).
-class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid engine looks for
-    def __init__(self, weight, bias, lora_dim, lora_scaling=1.0, transposed=False, base=None):
-        super().__init__()
-        self.transposed = transposed  # the HF checkpoint stores the weight [in, out] (Conv1D)
-        if base is None:
-            self.weight, self.bias = weight, bias
-            self.weight.requires_grad = False  # only the low-rank update is trained
-            shape = getattr(weight, "ds_shape", weight.shape)
-            fan_in, fan_out = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
-        else:  # QLoRA (Dettmers et al. 2023): a frozen bitsandbytes Linear4bit computes x W^T + b itself
-            self.base, fan_in, fan_out = base, base.in_features, base.out_features
-        self.lora_right_weight = nn.Parameter(torch.zeros(fan_in, lora_dim))  # [in, r]
-        self.lora_left_weight = nn.Parameter(torch.zeros(lora_dim, fan_out))  # [r, out]
-        nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
-        self.lora_scaling = lora_scaling / lora_dim
-        self.fuse_lora = False
-
-    def delta(self):  # the update in the weight's own layout
-        d = self.lora_scaling * (self.lora_right_weight @ self.lora_left_weight)  # [in, out]
-        return d if self.transposed else d.t()
-
-    def fuse_lora_weight(self):  # a 4-bit base cannot absorb the update: it stays unfused, forward adds it
-        if not self.fuse_lora and not hasattr(self, "base"):
-            self.weight.data += self.delta().to(self.weight.dtype)
-            self.fuse_lora = True
-
-    def unfuse_lora_weight(self):
-        if self.fuse_lora:
-            self.weight.data -= self.delta().to(self.weight.dtype)
-            self.fuse_lora = False
-
-    def forward(self, x):
-        if hasattr(self, "base"):
-            out = self.base(x)
-        else:
-            out = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
-        if self.fuse_lora:
-            return out
-        return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
-
-
-def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):  # nn.Linear/Conv1D named *module_name*
-    from transformers.pytorch_utils import Conv1D
-
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
-    if not targets:
-        raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
-    for name, module in targets:
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if is_4bit(module):
-            layer = LinearLayer_LoRA(None, None, lora_dim, transposed=module.hf_transposed, base=module)
-        else:
-            layer = LinearLayer_LoRA(module.weight, module.bias, lora_dim, transposed=isinstance(module, Conv1D))
-        setattr(parent, name.rsplit(".", 1)[-1], layer.to(module.weight.device))
-    print_rank0(f"lora: {len(targets)} linear layers of {type(model).__name__} match {module_name!r}, dim {lora_dim}")
-
-
-def only_optimize_lora(model):
-    for name, p in model.named_parameters():
-        p.requires_grad = "lora_right_weight" in name or "lora_left_weight" in name
-
-
-def default_lora_module(
-    model,
-):  # "layers." (OPT, LLaMA, Mistral, Qwen2, GPT-NeoX) or "h." (GPT-2, -J, -Neo, BLOOM, ...)
-    return "layers." if any(".layers." in f".{n}" for n, _ in model.named_modules()) else "h."
 
 
 _NO_DECAY = "bias layer_norm.weight layernorm.weight norm.weight ln_f.weight ln_1.weight ln_2.weight ln_attn.weight"
@@ -468,26 +368,15 @@ def gather_params(model):
     return sd if rank() == 0 else None
 
 
-def is_4bit(module):
-    return type(module).__name__ == "Linear4bit"  # bitsandbytes', without importing it
-
-
-def dequantize(module):  # a Linear4bit's weight as the HF checkpoint holds it: [out, in], or [in, out] for Conv1D
-    import bitsandbytes as bnb
-
-    w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).cpu()
-    return w.t() if module.hf_transposed else w
-
-
 def state_dict_from(model, params):
     """A saveable state dict from gathered `params`: persistent buffers added, LoRA folded into plain HF weights,
     4-bit weights unpacked into the model's float dtype (QLoRA saves a plain model)."""
     keys = set(model.state_dict().keys())
     sd = {**params, **{n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in keys}}
     dtype = next(v.dtype for v in params.values() if v.is_floating_point())
-    sd.update({f"{n}.weight": dequantize(m).to(dtype) for n, m in model.named_modules() if is_4bit(m)})
+    sd.update({f"{n}.weight": qlora.unpack(m).to(dtype) for n, m in model.named_modules() if qlora.is_4bit(m)})
     for mname, m in model.named_modules():
-        if isinstance(m, LinearLayer_LoRA):
+        if hasattr(m, "lora_right_weight"):  # lora.LinearLayer_LoRA
             prefix = f"{mname}." if mname else ""
             for k in ("weight", "bias") if hasattr(m, "base") else ():  # base.weight -> weight, the HF name
                 if prefix + "base." + k in sd:
@@ -534,19 +423,28 @@ def save_hf(model, tokenizer, output_dir, json_files=None, state_dict=None, gath
     if rank() == 0:
         tmp = f"{output_dir.rstrip('/')}.saving{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        quantizer, model.hf_quantizer = getattr(model, "hf_quantizer", None), None  # else it saves the packed weights
-        try:
-            model.save_pretrained(tmp, state_dict=sd)
-        finally:
-            model.hf_quantizer = quantizer
+        qlora.save_pretrained(model, tmp, sd)
         tokenizer.save_pretrained(tmp)
-        config = json.load(open(os.path.join(tmp, "config.json")))
-        if config.pop("quantization_config", None):  # sd holds unpacked 4-bit weights: plain transformers loads them
-            write_json(os.path.join(tmp, "config.json"), config)
         for fname, obj in (json_files or {}).items():
             write_json(os.path.join(tmp, fname), obj)
         publish_dir(tmp, output_dir)
     barrier()
+
+
+class EMA:
+    """Moving average of the parameters, fp32 on rank 0's CPU (DeepSpeed-Chat's --enable_ema, beta 0.992)."""
+
+    def __init__(self, module, beta=0.992):
+        self.beta, params = beta, gather_params(module)
+        self.shadow = None if params is None else {k: v.float() for k, v in params.items() if v.is_floating_point()}
+
+    def update(self, module):  # packed 4-bit weights (frozen) are not averaged: saving unpacks them from the module
+        for k, v in ((k, v) for k, v in (gather_params(module) or {}).items() if k in self.shadow):
+            self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
+
+    def state_dict(self, module):  # saveable (rank 0; None elsewhere): the model's dtypes, LoRA fused
+        dtypes = {n: p.dtype for n, p in module.named_parameters()}
+        return self.shadow and state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
 
 
 # Resumable checkpoints: written beside, renamed, then `latest` moved on, so a crash never leaves a half-written one.

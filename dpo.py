@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import lora
 from common import UserError, print_rank0
 
 LOSSES, PAIR = ("sigmoid", "ipo", "hinge"), ("chosen", "rejected")
@@ -92,12 +93,7 @@ def check_args(args):
         raise UserError(f"--beta {args.beta}: must be > 0")
     if not 0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
-    if args.only_optimize_lora and args.lora_dim == 0:
-        raise UserError("--only_optimize_lora needs --lora_dim > 0")
-    if args.load_in_4bit:
-        common.check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim)
-        if args.offload_reference_model:  # offloading is ZeRO-3's, which cannot hold packed 4-bit weights
-            raise UserError("--offload_reference_model with --load_in_4bit: the 4-bit reference stays on the device")
+    lora.check_flags(args, "--offload_reference_model" if args.offload_reference_model else None)  # of a 4-bit ref
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
@@ -161,7 +157,7 @@ def evaluate(engine, ref, loader, prompts, checker, tokenizer, args, device):
     checker, greedy answers to step 3's held-out prompts: accuracy, exact KL to the reference, length, EOS rate."""
     engine.eval()
     loss_args, eos, models = (args.beta, args.loss_type, args.label_smoothing), tokenizer.eos_token_id, (engine, ref)
-    sums = dict.fromkeys("loss correct chosen rejected pairs accuracy kl length eos n".split(), 0.0)
+    sums = dict.fromkeys("loss correct chosen rejected pairs accuracy kl response_length eos_rate n".split(), 0.0)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, chosen, rejected = dpo_loss(*pair_logprobs(engine, batch), *pair_logprobs(ref, batch), *loss_args)
@@ -185,25 +181,16 @@ def evaluate(engine, ref, loader, prompts, checker, tokenizer, args, device):
             right = bool(checker(prompts["texts"][i], text))
             records.append({"prompt": prompts["texts"][i], "response": text, "kl": kl[j].item(), "correct": right})
             values = (right, kl[j], mask[j].sum(), is_eos[j].any(), 1)
-            for key, value in zip(("accuracy", "kl", "length", "eos", "n"), values):
+            for key, value in zip(("accuracy", "kl", "response_length", "eos_rate", "n"), values):
                 sums[key] += float(value)
     s = dict(zip(sums, common.all_reduce_sum(list(sums.values()), device)))
     engine.train()
     out = {"eval_loss": s["loss"] / s["pairs"], "eval_reward_accuracy": s["correct"] / s["pairs"]}
     out.update(eval_chosen_reward=s["chosen"] / s["pairs"], eval_rejected_reward=s["rejected"] / s["pairs"])
     out["eval_margin"] = out["eval_chosen_reward"] - out["eval_rejected_reward"]
-    greedy = {
-        "accuracy": "accuracy",
-        "kl": "kl",
-        "response_length": "length",
-        "eos_rate": "eos",
-    }  # as step 3 names them
-    out.update({f"eval_{k}": s[v] / s["n"] for k, v in greedy.items()} if checker else {})
-    if common.world_size() > 1:
-        gathered = [None] * common.world_size()
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-    return out, records
+    greedy = ("accuracy", "kl", "response_length", "eos_rate")  # as step 3 names them
+    out.update({f"eval_{k}": s[k] / s["n"] for k in greedy} if checker else {})
+    return out, common.gather_lists(records)
 
 
 def main(argv=None):
@@ -239,27 +226,23 @@ def main(argv=None):
     # ---- models: the policy (LoRA, optimizer, schedule) and its frozen reference, ZeRO-3 sharded when the policy is
     mon = common.monitors(args.report_to, args.tensorboard_path, "dpo")
     ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
-    quant = args.bnb_4bit_quant_type if args.load_in_4bit else None  # QLoRA: the reference is the same 4-bit weights
-    kw = dict(dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg, quant=quant, dtype=args.dtype)
-    model = common.load_model(path, tokenizer, **kw)
-    if args.lora_dim > 0:
-        common.convert_to_lora(model, args.lora_module_name or common.default_lora_module(model), args.lora_dim)
-        if args.only_optimize_lora or args.load_in_4bit:  # 4-bit weights cannot train
-            common.only_optimize_lora(model)
+    quant = (args.bnb_4bit_quant_type, args.dtype) if args.load_in_4bit else None  # the reference: the same 4 bits
+    model = common.load_model(path, tokenizer, "AutoModelForCausalLM", args.dropout, args.zero_stage, ds_cfg, quant)
+    if args.lora_dim > 0:  # a 4-bit base cannot train: only LoRA does
+        lora.add_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora or args.load_in_4bit)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     lrs = (args.learning_rate, args.weight_decay, args.lora_learning_rate)
     optimizer = common.make_optimizer(model, *lrs, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    ref_model = common.load_model(path, tokenizer, dropout=0.0, quant=quant, dtype=args.dtype).requires_grad_(False)
+    ref_model = common.load_model(path, tokenizer, dropout=0.0, quant=quant).requires_grad_(False)
     ref_stage = 3 if args.zero_stage == 3 or args.offload_reference_model else 0
     ref_cfg = common.ds_config(ref_stage, args.dtype, micro, offload=args.offload_reference_model, train=False)
     ref, *_ = deepspeed.initialize(model=ref_model, config=ref_cfg)
     ref.eval()
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
     eval_args = (engine, ref, eval_loader, prompts, checker, tokenizer, args, device)
-    loss_args = (args.beta, args.loss_type, args.label_smoothing)
 
     # ---- loop
     start, records = evaluate(*eval_args)
@@ -268,8 +251,7 @@ def main(argv=None):
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log.write(0, start)
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
-    step, epoch, t0, seen, skipped = 0, 0, time.time(), 0, 0
-    engine.train()
+    step, epoch, t0, seen, skipped = 0, 0, time.time(), 0, 0  # evaluate() left the engine in train mode
     while step < total_steps:
         sampler.set_epoch(epoch)
         for batch in train_loader:
@@ -277,7 +259,7 @@ def main(argv=None):
             with torch.no_grad():
                 ref_logps = pair_logprobs(ref, batch)  # the frozen reference's: chosen [B], rejected [B]
             policy = pair_logprobs(engine, batch)
-            loss, chosen, rejected = dpo_loss(*policy, *ref_logps, *loss_args)
+            loss, chosen, rejected = dpo_loss(*policy, *ref_logps, args.beta, args.loss_type, args.label_smoothing)
             if args.rpo_alpha:
                 loss = loss + args.rpo_alpha * nll_loss(policy[0], (batch["labels"] != -100).sum(1).chunk(2)[0])
             boundary = engine.is_gradient_accumulation_boundary()  # read before step() advances the counter
@@ -290,8 +272,8 @@ def main(argv=None):
             step += 1
             if step % log_every == 0 or step == total_steps:
                 acc, margin = (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()
-                figures = {"loss": loss.item(), "reward_accuracy": acc, "margin": margin, "samples_per_s": 0.0}
-                figures["samples_per_s"] = seen / (time.time() - t0)
+                speed = seen / (time.time() - t0)
+                figures = {"loss": loss.item(), "reward_accuracy": acc, "margin": margin, "samples_per_s": speed}
                 print_rank0(f"step {step}/{total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in figures.items()))
                 log.write(step, {**figures, "skipped": skipped})
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 import common
 import data
+import lora
+import qlora
 from common import UserError, print_rank0
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -109,10 +111,8 @@ def parse_args(argv=None):
     g("--only_optimize_lora", action="store_true", help="train only LoRA weights (and the critic's v_head)")
     g("--actor_lora_learning_rate", type=float, default=5e-4, help="actor LoRA learning rate")
     g("--critic_lora_learning_rate", type=float, default=5e-4, help="critic LoRA learning rate")
-    g("--actor_load_in_4bit", action="store_true", help="QLoRA actor: 4-bit frozen base (needs --actor_lora_dim)")
-    g("--critic_load_in_4bit", action="store_true", help="QLoRA critic: 4-bit frozen base (needs --critic_lora_dim)")
-    g("--ref_load_in_4bit", action="store_true", help="the frozen reference model in 4 bits")
-    g("--reward_load_in_4bit", action="store_true", help="the frozen reward model in 4 bits")
+    for role in ROLES:  # QLoRA: a trained one needs --<role>_lora_dim
+        g(f"--{role}_load_in_4bit", action="store_true", help=f"the {role} model's base weights in 4 bits (QLoRA)")
     g("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type of the *_load_in_4bit")
     g("--enable_hybrid_engine", action="store_true", help="DeepSpeed hybrid engine for generation (or a fallback)")
     g("--unpin_actor_parameters", action="store_true", help="hybrid engine: do not pin actor parameters")
@@ -164,17 +164,11 @@ def check_args(args):
         raise UserError(f"--temperature {args.temperature}: must be > 0")
     if args.only_optimize_lora and not (args.actor_lora_dim or args.critic_lora_dim):
         raise UserError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
-    for role in ("actor", "critic") if args.advantage_estimator == "gae" else ("actor",):
-        if getattr(args, f"{role}_load_in_4bit"):
-            stage, lora = (f"--{role}_zero_stage", getattr(args, f"{role}_zero_stage")), f"--{role}_lora_dim"
-            common.check_4bit(f"--{role}_load_in_4bit", stage[1], stage[0], getattr(args, f"{role}_lora_dim"), lora)
-    for role, offload in (("ref", "reference"), ("reward", "reward")):  # frozen: ZeRO-0, offloading is ZeRO-3's
-        if getattr(args, f"{role}_load_in_4bit"):
-            common.check_4bit(f"--{role}_load_in_4bit", 0)
-            if getattr(args, f"offload_{offload}_model"):
-                raise UserError(
-                    f"--offload_{offload}_model with --{role}_load_in_4bit: ZeRO-3 cannot hold 4-bit weights"
-                )
+    for role in (r for r in ROLES if getattr(args, f"{r}_load_in_4bit")):  # frozen ones: ZeRO-0, no LoRA
+        offload = {"ref": "offload_reference_model", "reward": "offload_reward_model"}.get(role, "")
+        stage, dim = getattr(args, f"{role}_zero_stage", 0), getattr(args, f"{role}_lora_dim", None)
+        offloaded = f"--{offload}" if getattr(args, offload, False) else None
+        lora.check_4bit(f"--{role}_load_in_4bit", stage, f"--{role}_zero_stage", dim, f"--{role}_lora_dim", offloaded)
     if args.resume and not common.latest_checkpoint(os.path.join(args.output_dir, "checkpoints")):
         raise UserError(f"--resume: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
     common.check_output_dir(args.output_dir)
@@ -242,9 +236,8 @@ def masked_whiten(x, mask, shift_mean=True, distributed=False):
     rewards). Zero off the mask."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     if distributed and common.world_size() > 1:  # sums over every rank's entries
-        total, sq, n = common.all_reduce_sum(
-            [(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()], 0
-        )
+        sums = [(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()]
+        total, sq, n = common.all_reduce_sum(sums, 0)
         mean, var = x.new_tensor(total / n), x.new_tensor((sq / n - (total / n) ** 2) * n / max(n - 1, 1))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -472,9 +465,8 @@ class PPOTrainer:
         e.actor.train()
         logits, agg = self.logits(e.actor, seq, attn, tq), (a.loss_agg_mode, a.max_answer_seq_len)
         logprobs = logprobs_from_logits(logits, exp["response"], a.temperature)
-        actor_loss, clipfrac, approx_kl = policy_loss(
-            logprobs, exp["logprobs"], exp["advantages"], mask, a.cliprange, *agg
-        )
+        old = (exp["logprobs"], exp["advantages"], mask, a.cliprange)  # the rollout's log-probs and advantages
+        actor_loss, clipfrac, approx_kl = policy_loss(logprobs, *old, *agg)
         loss, m = actor_loss, {}
         if a.kl_loss_coef:  # GRPO's KL term: in the loss, estimated per token by --kl_estimator (k3 in the paper)
             kl_loss = aggregate(kl_penalty(logprobs, exp["ref_logprobs"], a.kl_estimator), mask, *agg)
@@ -569,9 +561,8 @@ def main(argv=None):
                 stats.append(trainer.train_rlhf({k: v[idx] for k, v in exp.items()}, ptx_batch))
         m = {"reward": exp["scores"].mean().item(), "kl": exp["kl"].mean().item(), "kl_coef": trainer.kl_coef}
         m.update(entropy=masked_mean(exp["entropy"], exp["mask"]).item(), skipped=trainer.skipped)
-        m.update(
-            response_length=exp["mask"].sum(1).float().mean().item(), eos_rate=exp["has_eos"].float().mean().item()
-        )
+        m.update(response_length=exp["mask"].sum(1).float().mean().item())
+        m.update(eos_rate=exp["has_eos"].float().mean().item())
         m.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})  # the mean over micro-batches
         m = dict(zip(sorted(m), [v / world for v in common.all_reduce_sum([m[k] for k in sorted(m)], device)]))  # ranks
         trainer.kl_coef = adaptive_kl_coef(trainer.kl_coef, m["kl"], args.target_kl, rollout * world)
@@ -639,37 +630,34 @@ class RLHFEngine:
     def __init__(self, actor, critic, reward, tokenizer, args, total_updates=1000, device=None):
         a, self.args, self.tokenizer, self.device = args, args, tokenizer, device or torch.device("cpu")
         self.hybrid = a.enable_hybrid_engine and torch.cuda.is_available() and not a.actor_load_in_4bit
+        why = "the hybrid engine needs a CUDA GPU and a 16/32-bit actor"
         if a.enable_hybrid_engine and not self.hybrid:
-            print_rank0(
-                "warning: the hybrid engine needs a CUDA GPU and a 16/32-bit actor; using ZeRO-gathered generate"
-            )
+            print_rank0(f"warning: {why}; using ZeRO-gathered generate")
         cfg = self._train_cfg(a.actor_zero_stage)
         if self.hybrid:
             he = {"enabled": True, "max_out_tokens": a.max_prompt_seq_len + a.max_answer_seq_len}
             he.update(inference_tp_size=a.inference_tp_size, release_inference_cache=a.release_inference_cache)
             he.update(pin_parameters=not a.unpin_actor_parameters, tp_gather_partition_size=a.tp_gather_partition_size)
             cfg["hybrid_engine"] = he
-        quant = {r: a.bnb_4bit_quant_type if getattr(a, f"{r}_load_in_4bit") else None for r in ROLES}
-        kw = dict(dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg, dtype=a.dtype)
-        model = common.load_model(actor, tokenizer, quant=quant["actor"], **kw)
+        quant = {r: (a.bnb_4bit_quant_type, a.dtype) if getattr(a, f"{r}_load_in_4bit") else None for r in ROLES}
+        kw = dict(dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg, quant=quant["actor"])
+        model = common.load_model(actor, tokenizer, **kw)
         self.actor = self._trained(model, model, cfg, total_updates, "actor")
         if self.hybrid:
             self.hybrid = common.probe_hybrid_engine(self.actor, tokenizer, self.device)
-        ref = common.load_model(actor, tokenizer, dropout=0.0, quant=quant["ref"], dtype=a.dtype)  # a frozen copy
-        self.ref = self._frozen(ref, 0 if quant["ref"] else a.actor_zero_stage, a.offload_reference_model)
+        ref = common.load_model(actor, tokenizer, dropout=0.0, quant=quant["ref"])  # a frozen copy of the actor
+        self.ref = self._frozen(ref, a.actor_zero_stage, a.offload_reference_model)
         self.critic = self.reward = self.reward_stats = None  # critic-free estimators have no critic
         if critic:
             cfg = self._train_cfg(a.critic_zero_stage, monitors=False)
-            kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"], dtype=a.dtype)
+            kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"])
             model, _ = common.load_reward_model(critic, tokenizer, a.critic_dropout, **kw)
             self.critic = self._trained(model, model.backbone, cfg, total_updates, "critic")
         if reward:  # else --reward_fn scores the answers
-            kw = dict(dropout=0.0, quant=quant["reward"], dtype=a.dtype)
-            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, **kw)
-            stage = 0 if quant["reward"] else a.critic_zero_stage
-            self.reward = self._frozen(reward_model, stage, a.offload_reward_model)
+            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, 0.0, quant=quant["reward"])
+            self.reward = self._frozen(reward_model, a.critic_zero_stage, a.offload_reward_model)
         self.reward_fn = load_reward_fn(a.reward_fn, a.data_path) if a.reward_fn else None
-        self.ema = EMA(self.actor.module) if a.enable_ema else None
+        self.ema = common.EMA(self.actor.module) if a.enable_ema else None
 
     def _train_cfg(self, stage, monitors=True):  # the actor's engine logs (--report_to) for the whole step
         a = self.args
@@ -683,11 +671,9 @@ class RLHFEngine:
         from transformers import get_scheduler
 
         a, flag = self.args, lambda name: getattr(self.args, f"{role}_{name}")
-        if flag("lora_dim"):
-            module = flag("lora_module_name") or common.default_lora_module(backbone)
-            common.convert_to_lora(backbone, module, flag("lora_dim"), f"--{role}_lora_module_name")
-            if a.only_optimize_lora or flag("load_in_4bit"):  # 4-bit weights cannot train
-                common.only_optimize_lora(backbone)
+        if flag("lora_dim"):  # a 4-bit base cannot train: only LoRA (and the critic's v_head) does
+            only = a.only_optimize_lora or flag("load_in_4bit")
+            lora.add_lora(backbone, flag("lora_dim"), flag("lora_module_name"), only, f"--{role}_lora_module_name")
         if flag("gradient_checkpointing"):
             backbone.gradient_checkpointing_enable()
         lrs = (flag("learning_rate"), flag("weight_decay"), flag("lora_learning_rate"))
@@ -699,29 +685,12 @@ class RLHFEngine:
     def _frozen(self, model, trained_stage, offload):
         import deepspeed
 
-        stage, micro = (3 if trained_stage == 3 or offload else 0), self.args.per_device_training_batch_size
-        cfg = common.ds_config(stage, self.args.dtype, micro, offload=offload, train=False)
+        packed, a = any(qlora.is_4bit(m) for m in model.modules()), self.args  # 4-bit weights stay whole: ZeRO-0
+        stage = 3 if (trained_stage == 3 or offload) and not packed else 0
+        cfg = common.ds_config(stage, a.dtype, a.per_device_training_batch_size, offload=offload, train=False)
         engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=cfg)
         engine.eval()
         return engine
-
-
-class EMA:
-    """Moving average of the parameters, fp32 on rank 0's CPU (DeepSpeed-Chat's --enable_ema, beta 0.992)."""
-
-    def __init__(self, module, beta=0.992):
-        self.beta = beta
-        params = common.gather_params(module)
-        self.shadow = None if params is None else {k: v.float() for k, v in params.items() if v.is_floating_point()}
-
-    def update(self, module):  # packed 4-bit weights (frozen) are not averaged: saving unpacks them from the module
-        for k, v in (common.gather_params(module) or {}).items():
-            if k in self.shadow:
-                self.shadow[k].mul_(self.beta).add_(v.float(), alpha=1 - self.beta)
-
-    def state_dict(self, module):  # saveable (rank 0; None elsewhere): the model's dtypes, LoRA fused
-        dtypes = {n: p.dtype for n, p in module.named_parameters()}
-        return self.shadow and common.state_dict_from(module, {k: v.to(dtypes[k]) for k, v in self.shadow.items()})
 
 
 @torch.no_grad()
@@ -760,11 +729,7 @@ def evaluate(trainer, held_out, checker):
     sums = dict(zip(sums, common.all_reduce_sum(list(sums.values()), dev)))
     drop = {"n"} | (set() if checker is not None else {"accuracy"}) | (set() if judge else {"hacked"})
     metrics = {f"eval_{k}": v / sums["n"] for k, v in sums.items() if k not in drop}
-    if common.world_size() > 1:
-        gathered = [None] * common.world_size()
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-    return metrics, records
+    return metrics, common.gather_lists(records)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, end_scores, load_reward_model, print_rank0, save_reward_model
+import lora
+from common import end_scores, load_reward_model, print_rank0, save_reward_model
 
 
 def parse_args(argv=None):
@@ -92,10 +93,7 @@ def check_args(args):
         data.resolve_source(path)
     sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len")
     common.check_at_least_one(args, *sizes)
-    if args.only_optimize_lora and args.lora_dim == 0:
-        raise UserError("--only_optimize_lora needs --lora_dim > 0")
-    if args.load_in_4bit:
-        common.check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim)
+    lora.check_flags(args)
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
@@ -193,15 +191,11 @@ def main(argv=None):
     # ---- model: backbone + v_head, LoRA, optimizer, schedule, DeepSpeed engine
     mon = common.monitors(args.report_to, args.tensorboard_path, "step2_reward")
     ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
-    quant = args.bnb_4bit_quant_type if args.load_in_4bit else None
-    model, _ = load_reward_model(
-        args.model_name_or_path, tokenizer, args.dropout, args.zero_stage, ds_cfg, quant, args.dtype
-    )
-    if args.lora_dim > 0:
-        module = args.lora_module_name or common.default_lora_module(model.backbone)
-        common.convert_to_lora(model.backbone, module, args.lora_dim)
-        if args.only_optimize_lora or args.load_in_4bit:  # 4-bit weights cannot train
-            common.only_optimize_lora(model.backbone)
+    quant = (args.bnb_4bit_quant_type, args.dtype) if args.load_in_4bit else None
+    model, _ = load_reward_model(args.model_name_or_path, tokenizer, args.dropout, args.zero_stage, ds_cfg, quant)
+    if args.lora_dim > 0:  # a 4-bit base cannot train: only LoRA (and the v_head) does
+        only = args.only_optimize_lora or args.load_in_4bit
+        lora.add_lora(model.backbone, args.lora_dim, args.lora_module_name, only)
     if args.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
     lrs = (args.learning_rate, args.weight_decay, args.lora_learning_rate)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import common
 import data
-from common import UserError, print_rank0
+import lora
+from common import print_rank0
 
 
 def parse_args(argv=None):
@@ -97,10 +98,7 @@ def check_args(args):
     common.check_at_least_one(
         args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len"
     )
-    if args.only_optimize_lora and args.lora_dim == 0:
-        raise UserError("--only_optimize_lora needs --lora_dim > 0")
-    if args.load_in_4bit:
-        common.check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim)
+    lora.check_flags(args)
     common.check_output_dir(args.output_dir)
     common.check_model_path(args.model_name_or_path)
 
@@ -197,13 +195,11 @@ def main(argv=None):
     # ---- model: LoRA, optimizer, schedule, DeepSpeed engine
     mon = common.monitors(args.report_to, args.tensorboard_path, "step1_sft")
     ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
-    quant = args.bnb_4bit_quant_type if args.load_in_4bit else None
-    kw = dict(dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg, quant=quant, dtype=args.dtype)
+    quant = (args.bnb_4bit_quant_type, args.dtype) if args.load_in_4bit else None
+    kw = dict(dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg, quant=quant)
     model = common.load_model(args.model_name_or_path, tokenizer, **kw)
-    if args.lora_dim > 0:
-        common.convert_to_lora(model, args.lora_module_name or common.default_lora_module(model), args.lora_dim)
-        if args.only_optimize_lora or args.load_in_4bit:  # 4-bit weights cannot train
-            common.only_optimize_lora(model)
+    if args.lora_dim > 0:  # a 4-bit base cannot train: only LoRA does
+        lora.add_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora or args.load_in_4bit)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     lrs = (args.learning_rate, args.weight_decay, args.lora_learning_rate)

@@ -31,7 +31,7 @@ def measure(model, mode):
 
     tokenizer = common.load_tokenizer(model)
     rss_before = rss_now()
-    loaded = common.load_model(model, tokenizer, quant="nf4" if mode == "4bit" else None)
+    loaded = common.load_model(model, tokenizer, quant=("nf4", "fp32") if mode == "4bit" else None)
     with torch.no_grad():  # one forward pass touches every weight (fp32 safetensors are mapped lazily)
         loaded(**tokenizer(["sort: d b a c"], return_tensors="pt"))
     tensors = list(loaded.parameters()) + list(loaded.buffers())

@@ -7,6 +7,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import lora
 from common import UserError
 
 
@@ -20,16 +21,16 @@ def test_lora_fused_equals_unfused_and_saved_weights_match(family, tmp_path):
     torch.manual_seed(0)
     model, tok = _model(family)
     model.eval()
-    common.convert_to_lora(model, common.default_lora_module(model), lora_dim=4)
-    for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
+    lora.convert_to_lora(model, lora.default_lora_module(model), lora_dim=4)
+    for layer in [m for m in model.modules() if isinstance(m, lora.LinearLayer_LoRA)]:
         torch.nn.init.normal_(layer.lora_left_weight, std=0.5)  # a non-zero update (init is zero)
     x = torch.randint(2, 200, (2, 12))
     with torch.no_grad():
         unfused = model(x).logits
-        for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
+        for layer in [m for m in model.modules() if isinstance(m, lora.LinearLayer_LoRA)]:
             layer.fuse_lora_weight()
         fused = model(x).logits
-        for layer in [m for m in model.modules() if isinstance(m, common.LinearLayer_LoRA)]:
+        for layer in [m for m in model.modules() if isinstance(m, lora.LinearLayer_LoRA)]:
             layer.unfuse_lora_weight()
         again = model(x).logits
     assert torch.allclose(unfused, fused, atol=1e-4)
@@ -47,13 +48,13 @@ def test_lora_fused_equals_unfused_and_saved_weights_match(family, tmp_path):
 def test_lora_module_name_matching_nothing_is_refused():
     model, _ = _model("gpt2")
     with pytest.raises(UserError, match="--lora_module_name 'nothing_like_this': matches no linear layer"):
-        common.convert_to_lora(model, "nothing_like_this", 4)
+        lora.convert_to_lora(model, "nothing_like_this", 4)
 
 
 def test_only_optimize_lora_freezes_the_rest():
     model, _ = _model("opt")
-    common.convert_to_lora(model, "layers.", 2)
-    common.only_optimize_lora(model)
+    lora.convert_to_lora(model, "layers.", 2)
+    lora.only_optimize_lora(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 

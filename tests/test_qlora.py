@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 import common
+import lora
+import qlora
 from common import UserError
 from conftest import TINY_PPO, assert_one_line_error, run_stage
 
@@ -26,9 +28,9 @@ def _randomise_lora(model):  # LoRA starts as a zero update: give it a real one,
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])  # gpt2: Conv1D, stored [in, out] in its checkpoint
 def test_4bit_lora_model_saves_a_plain_model_with_the_same_logits(family, tmp_path):
     tokenizer = common.load_tokenizer(f"tiny:{family}")
-    model = common.load_model(f"tiny:{family}", tokenizer, quant="nf4")
-    assert any(common.is_4bit(m) for m in model.modules())
-    common.convert_to_lora(model, common.default_lora_module(model), 8)
+    model = common.load_model(f"tiny:{family}", tokenizer, quant=("nf4", "fp32"))
+    assert any(qlora.is_4bit(m) for m in model.modules())
+    lora.convert_to_lora(model, lora.default_lora_module(model), 8)
     _randomise_lora(model)
     model.train()  # the training path: bitsandbytes' CPU inference shortcut must not change the weights either
     with torch.no_grad():
@@ -38,7 +40,7 @@ def test_4bit_lora_model_saves_a_plain_model_with_the_same_logits(family, tmp_pa
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert "quantization_config" not in config
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
-    assert not any(common.is_4bit(m) for m in plain.modules())
+    assert not any(qlora.is_4bit(m) for m in plain.modules())
     with torch.no_grad():
         reloaded = plain(**IDS).logits
     torch.testing.assert_close(reloaded, merged, atol=1e-5, rtol=1e-5)  # fp32: the same numbers, not just close
@@ -46,8 +48,8 @@ def test_4bit_lora_model_saves_a_plain_model_with_the_same_logits(family, tmp_pa
 
 def test_4bit_reward_model_saves_and_reloads_with_the_same_scores(tmp_path):
     tokenizer = common.load_tokenizer("tiny:llama")
-    model, _ = common.load_reward_model("tiny:llama", tokenizer, quant="nf4")
-    common.convert_to_lora(model.backbone, "layers.", 8)
+    model, _ = common.load_reward_model("tiny:llama", tokenizer, quant=("nf4", "fp32"))
+    lora.convert_to_lora(model.backbone, "layers.", 8)
     _randomise_lora(model)
     with torch.no_grad():
         scores = model.score(**IDS)
@@ -60,13 +62,13 @@ def test_4bit_reward_model_saves_and_reloads_with_the_same_scores(tmp_path):
 
 def test_4bit_flag_errors_name_the_flag(monkeypatch):
     with pytest.raises(UserError, match="--load_in_4bit with --zero_stage 3: ZeRO-3 cannot shard"):
-        common.check_4bit("--load_in_4bit", 3, lora_dim=8)
+        lora.check_4bit("--load_in_4bit", 3, lora_dim=8)
     with pytest.raises(UserError, match="--actor_load_in_4bit needs --actor_lora_dim > 0"):
-        common.check_4bit("--actor_load_in_4bit", 0, "--actor_zero_stage", 0, "--actor_lora_dim")
-    common.check_4bit("--ref_load_in_4bit", 0)  # a frozen model needs no LoRA
-    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+        lora.check_4bit("--actor_load_in_4bit", 0, "--actor_zero_stage", 0, "--actor_lora_dim")
+    lora.check_4bit("--ref_load_in_4bit", 0)  # a frozen model needs no LoRA
+    monkeypatch.setattr(lora.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--load_in_4bit needs bitsandbytes: pip install"):
-        common.check_4bit("--load_in_4bit", 0, lora_dim=8)
+        lora.check_4bit("--load_in_4bit", 0, lora_dim=8)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,7 @@ def test_every_stage_trains_a_4bit_model_with_lora(family, tmp_path):
     )
     m = json.load(open(os.path.join(sft, "metrics.json")))
     assert m["eval_perplexity"] < m["eval_perplexity_start"]  # the loss falls
-    assert not any(common.is_4bit(x) for x in AutoModelForCausalLM.from_pretrained(sft).modules())
+    assert not any(qlora.is_4bit(x) for x in AutoModelForCausalLM.from_pretrained(sft).modules())
     run_stage(["reward.py", "--model_name_or_path", f"tiny:{family}", *SMALL, "--max_steps", "8", "--output_dir", rm])
     m = json.load(open(os.path.join(rm, "metrics.json")))
     assert m["eval_loss"] < m["eval_loss_start"]
@@ -118,7 +120,7 @@ def test_ppo_with_a_4bit_actor_critic_reference_and_reward_model(tmp_path):
     assert all(v == v for v in m.values() if isinstance(v, float))  # no NaN anywhere
     for folder in ("actor", "actor_ema"):
         plain = AutoModelForCausalLM.from_pretrained(os.path.join(out, folder))
-        assert not any(common.is_4bit(x) for x in plain.modules())
+        assert not any(qlora.is_4bit(x) for x in plain.modules())
     AutoModel.from_pretrained(os.path.join(out, "critic"))
 
 

@@ -1,5 +1,5 @@
 """The code stays as README promises a reader finds it: formatted and linted by ruff (ruff.toml, 120 columns), files
-within their line budgets, and no stage importing another (stages share only common.py and data.py)."""
+within their line budgets, and no stage importing another (they share common.py, lora.py, qlora.py and data.py)."""
 
 import ast
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-BUDGETS = {"ppo.py": 780, "common.py": 660, "data.py": 500, "dpo.py": 320}  # every other file: 450
+BUDGETS = {"ppo.py": 750, "common.py": 550, "data.py": 500, "dpo.py": 300}  # every other file: 450
 STAGES = {"sft", "reward", "ppo", "dpo", "train", "chat"}
 
 
@@ -46,7 +46,7 @@ def test_no_stage_imports_another_and_builtin_imports_nothing_of_ours():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         mine = imported & ours
-        if name == "builtin":
+        if name in ("builtin", "qlora"):  # leaves: every other module may import them
             assert not mine, (name, mine)
         else:
             assert not (mine & STAGES), (name, mine & STAGES)
