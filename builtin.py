@@ -72,6 +72,19 @@ TINY_FAMILIES = {
     ),
 }
 TINY_VERSION = 3
+# The demo's recipe: what train.py passes each stage for a tiny:<family> model. The stages' own defaults are for real
+# pretrained models (DeepSpeed-Chat's single-GPU OPT-1.3B values: learning rates near 1e-5, one epoch, 256-token
+# answers); a random 0.6M-parameter model learns the demo in minutes only at these (README, "Results on the demo").
+DEMO_RECIPE = {
+    "sft.py": "--learning_rate 1e-3 --num_train_epochs 8 --per_device_train_batch_size 32",
+    "reward.py": "--learning_rate 1e-3 --num_train_epochs 2 --per_device_train_batch_size 16 "
+    "--per_device_eval_batch_size 32",
+    "ppo.py": "--actor_learning_rate 1e-4 --critic_learning_rate 1e-4 --max_answer_seq_len 64 "
+    "--per_device_generation_batch_size 64 --per_device_training_batch_size 32",
+    "dpo.py": "--learning_rate 1e-4 --per_device_train_batch_size 16 --per_device_eval_batch_size 32",
+}
+
+
 # Random models of other sizes, for benchmarks: tiny:<type>@hidden=512,layers=8 (keys below), or a named shape.
 TINY_SIZE_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
                   "kv_heads": "num_key_value_heads", "ffn": None, "positions": "max_position_embeddings",

@@ -18,6 +18,7 @@ import torch
 
 import common
 import data
+import models
 from common import UserError
 
 
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     if (args.path is None) == (args.compare is None):
         raise UserError("--path or --compare: give exactly one (one model to talk to, or several to compare)")
     for path in (args.compare or [args.path]) + ([args.reward] if args.reward else []):
-        common.check_model_path(path, "--reward" if path == args.reward else "--compare" if args.compare else "--path")
+        models.check_model_path(path, "--reward" if path == args.reward else "--compare" if args.compare else "--path")
     if args.prompts_file and not os.path.isfile(args.prompts_file):
         raise UserError(f"--prompts_file {args.prompts_file}: no such file")
     common.check_at_least_one(args, "max_new_tokens")
@@ -57,16 +58,23 @@ def uses_chat_template(path, forced):
         return forced
 
 
+def load_format(path, args, flag):
+    """A folder's tokenizer and prompt format: (tokenizer, the tokenizer again if it renders its chat template, else
+    None). A tokenizer without a template fails here, before the model loads."""
+    chat = uses_chat_template(path, args.chat_template)
+    tokenizer = models.load_tokenizer(path, flag, chat_template=chat)
+    if chat:
+        data.render_messages([{"role": "user", "content": "hi"}], tokenizer)
+    return tokenizer, tokenizer if chat else None
+
+
 class Chatter:
-    """One model, its tokenizer and prompt format: answer(messages) -> (text, prompt ids + answer ids)."""
+    """One model, its tokenizer and prompt format: answer(messages) -> (text, whether it ended with EOS)."""
 
     def __init__(self, path, args, device):
         self.path, self.args, self.device = path, args, device
-        self.tokenizer = common.load_tokenizer(path, "--compare" if args.compare else "--path")
-        self.chat = self.tokenizer if uses_chat_template(path, args.chat_template) else None
-        if self.chat is not None:  # a tokenizer without a template fails here, before the model loads
-            data.render_messages([{"role": "user", "content": "hi"}], self.chat)
-        self.model = common.load_model(path, self.tokenizer).to(device).eval()
+        self.tokenizer, self.chat = load_format(path, args, "--compare" if args.compare else "--path")
+        self.model = models.load_model(path, self.tokenizer).to(device).eval()
 
     @torch.no_grad()
     def answer(self, messages):
@@ -77,9 +85,25 @@ class Chatter:
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
                                   do_sample=a.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                   **kw)  # fmt: skip
-        response = data.cut_at_eos(out[0, ids.shape[1] :].tolist(), tok.eos_token_id)  # up to and with the EOS
-        text = tok.decode(response, skip_special_tokens=True).strip()
-        return text, ids[0].tolist() + response
+        response = out[0, ids.shape[1] :].tolist()
+        text = tok.decode(data.cut_at_eos(response, tok.eos_token_id), skip_special_tokens=True).strip()
+        return text, tok.eos_token_id in response
+
+
+class Scorer:
+    """A step-2 reward model's score of an answer, read at its EOS as step 3 reads it (at its last token if it never
+    ended): the dialogue rendered and tokenised the way the reward model was trained, whatever model answered."""
+
+    def __init__(self, path, args, device):
+        self.tokenizer, self.chat = load_format(path, args, "--reward")
+        self.model, self.device = models.load_reward_model(path, self.tokenizer)[0].to(device).eval(), device
+
+    @torch.no_grad()
+    def __call__(self, messages, text, ended):
+        tok, prompt = self.tokenizer, data.render_messages(messages, self.chat)
+        ids = data.encode_prompt(tok, prompt)
+        ids += data.encode_response(tok, ids, prompt, text if self.chat else " " + text)[: None if ended else -1]
+        return self.model.score(torch.tensor([ids], device=self.device), torch.ones(1, len(ids), device=self.device))
 
 
 def read_prompts(args):
@@ -95,8 +119,9 @@ def compare(chatters, prompts, scorer):
     for prompt in prompts:
         print(f"prompt: {prompt}")
         for c in chatters:
-            text, ids = c.answer([{"role": "user", "content": prompt}])
-            score = f"   score {scorer(ids):+.3f}" if scorer else ""
+            messages = [{"role": "user", "content": prompt}]
+            text, ended = c.answer(messages)
+            score = f"   score {scorer(messages, text, ended).item():+.3f}" if scorer else ""
             print(f"  {c.path:<{width}}  -> {text!r}{score}")
         print()
 
@@ -137,13 +162,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     chatters = [Chatter(path, args, device) for path in args.compare or [args.path]]
-    scorer = None
-    if args.reward:
-        reward, _ = common.load_reward_model(args.reward, chatters[0].tokenizer)
-        reward = reward.to(device).eval()
-        scorer = lambda ids: reward.score(
-            torch.tensor([ids], device=device), torch.ones(1, len(ids), device=device)
-        ).item()
+    scorer = Scorer(args.reward, args, device) if args.reward else None
     prompts = read_prompts(args)
     if args.compare:
         compare(chatters, prompts or list(stdin_lines()), scorer)

@@ -4,9 +4,7 @@ log, the hybrid-engine toggle (LoRA: lora.py; 4-bit: qlora.py). DeepSpeed is imp
 
 import contextlib
 import importlib.util
-import inspect
 import json
-import math
 import os
 import random
 import shutil
@@ -15,7 +13,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import builtin
 import qlora
@@ -41,6 +38,10 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_rank():  # the rank within this node: node-local files (data caches, tiny models) are built by local rank 0
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def print_rank0(*args, **kwargs):
     if rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -57,15 +58,21 @@ def init_distributed(seed):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    acc, local_rank = get_accelerator(), int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
     deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name())
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed)
     if acc.device_name() == "cpu":
         return torch.device("cpu")
-    acc.set_device(local_rank)
-    return torch.device(acc.device_name(local_rank))
+    acc.set_device(local_rank())
+    return torch.device(acc.device_name(local_rank()))
+
+
+def rank_generator(seed, step):
+    """A torch.Generator for each (seed, step, rank): the global RNG is seeded alike on every rank, and this draws
+    other data on each (PPO-ptx text, dynamic sampling's prompts), the same again after a resume."""
+    return torch.Generator().manual_seed(hash((seed, step, rank())) % 2**32)
 
 
 def barrier():
@@ -108,9 +115,9 @@ def check_zero_stage(stage, flag="--zero_stage", offload=False):
         raise UserError(f"--offload with {flag} 0: {why}")
 
 
-def check_dtype(dtype):  # auto -> bf16 on a GPU, fp32 on CPU; fp16 refused without a GPU
+def check_dtype(dtype):  # auto -> bf16 on a GPU that has it (fp16 on V100, T4), fp32 on CPU; fp16 needs a GPU
     if dtype == "auto":
-        dtype = "bf16" if torch.cuda.is_available() else "fp32"
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
     if dtype == "fp16" and not torch.cuda.is_available():
         raise UserError("--dtype fp16 needs a GPU (loss scaling is not supported on CPU); use --dtype bf16 or fp32")
     return dtype
@@ -138,29 +145,55 @@ def check_output_dir(path):
                 os.rmdir(folder)
 
 
-def check_model_path(name, flag="--model_name_or_path"):  # tiny:<type>, a folder with config.json, or a hub name
-    if name.startswith("tiny:"):
-        try:
-            builtin.tiny_config(name[5:])
-        except ValueError as e:
-            raise UserError(f"{flag} {name}: {e}") from None
-    elif os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise UserError(f"{flag} {name}: folder has no config.json (not a Hugging Face model folder)")
-    elif os.path.exists(name) or name.startswith(("/", "./", "../")) or name.count("/") > 1:
-        raise UserError(f"{flag} {name}: no such model folder")
-    else:
-        from transformers import AutoConfig
+# DeepSpeed-Chat's flags, accepted so that its command lines run unchanged: what each does here.
+COMPAT = {  # flag: (DeepSpeed-Chat's steps that have it, what it does here)
+    "deepspeed": ((1, 2, 3), "ignored: every stage runs on DeepSpeed"),
+    "num_padding_at_beginning": (
+        (2, 3),
+        "ignored: scores are read at the last real token, found from the attention mask",
+    ),
+    "preprocessing_num_workers": ((3,), "ignored: the data is tokenised in one process per node, then cached"),
+    "enable_mixed_precision_lora": ((3,), "ignored: no ZeRO++ quantised frozen weights; LoRA trains in --dtype"),
+    "compute_fp32_loss": ((1, 2, 3), "ignored: losses, log-probs and values are always computed in fp32"),
+    "align_overflow": (
+        (3,),
+        "ignored: a non-finite loss skips that update on every rank; fp16 overflow skips per engine",
+    ),
+    "disable_actor_dropout": ((3,), "ignored: --actor_dropout is 0 unless set"),
+    "disable_critic_dropout": ((3,), "ignored: --critic_dropout is 0 unless set"),
+    "add_eot_token": (
+        (1, 2, 3),
+        "responses end with <|endoftext|> (added to the tokenizer if it lacks it): --eos_token",
+    ),
+    "enable_test_mode": ((3,), "stop after --test_stop_step steps"),
+    "test_stop_step": ((3,), "the steps of --enable_test_mode"),
+}
 
-        try:
-            AutoConfig.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            why = f"not a local folder and not loadable from the Hugging Face Hub ({str(e).splitlines()[0][:160]})"
-            raise UserError(f"{flag} {name}: {why}") from None
+
+def add_compat_flags(p, step):  # DeepSpeed-Chat's flags of its step `step` that ours do not already have
+    g, kind = (
+        p.add_argument_group("DeepSpeed-Chat's flags").add_argument,
+        {"test_stop_step": {"type": int, "default": 0}},
+    )
+    kind.update(add_eot_token={"action": "store_true"}, enable_test_mode={"action": "store_true"})
+    for name, (steps, why) in COMPAT.items():
+        if step in steps:
+            g(f"--{name}", help=why, **kind.get(name, {"nargs": "?", "const": True, "default": None}))
+
+
+def note_compat_flags(args):  # one line per ignored DeepSpeed-Chat flag given; --add_eot_token is --eos_token
+    for name, (_, why) in COMPAT.items():
+        if why.startswith("ignored") and getattr(args, name, None) is not None:
+            print_rank0(f"note: --{name} is DeepSpeed-Chat's; {why}")
+    if getattr(args, "add_eot_token", False):
+        args.eos_token = args.eos_token or "<|endoftext|>"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DeepSpeed config (DeepSpeed-Chat's get_train_ds_config / get_eval_ds_config, trimmed).
+tiny_cache_dir = builtin.cache_dir  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
+
+
 def ds_config(stage, dtype, micro_batch, grad_accum=1, offload=False, clip=1.0, monitors=None, train=True):
     zero = {"stage": stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7}
     zero.update(stage3_prefetch_bucket_size=3e7, offload_param={"device": "cpu" if offload and stage == 3 else "none"})
@@ -194,143 +227,6 @@ def monitors(report_to, path, job):
     wandb = {"enabled": True, "project": "minirlhf", "group": job}
     names = {"tensorboard": ("tensorboard", files), "csv": ("csv_monitor", files), "wandb": ("wandb", wandb)}
     return dict(names[k] for k in report_to)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading: a hub name, a local folder, or tiny:<model_type> (builtin.py).
-tiny_cache_dir = builtin.cache_dir  # tiny models and tokenised data caches: $MINIRLHF_CACHE or ~/.cache/minirlhf
-
-
-def resolve_model(name):
-    return builtin.tiny_model_path(name[5:]) if name.startswith("tiny:") else name
-
-
-def load_tokenizer(name, flag="--model_name_or_path"):
-    """The model's tokenizer with a PAD distinct from EOS (added if missing): padding never hides a response's end."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
-    if tokenizer.eos_token_id is None:
-        why = "its tokenizer has no EOS token, so responses cannot end; set eos_token in tokenizer_config.json"
-        raise UserError(f"{flag} {name}: {why}")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return tokenizer
-
-
-_DROPOUT_KEYS = ("dropout attention_dropout hidden_dropout activation_dropout resid_pdrop embd_pdrop attn_pdrop "
-                 "resid_dropout embed_dropout summary_first_dropout").split()  # fmt: skip
-
-
-def load_model(name, tokenizer, auto_class="AutoModelForCausalLM", dropout=None, zero_stage=0, ds_cfg=None, quant=None):
-    """fp32 model (DeepSpeed casts it), embeddings fit to the tokenizer, dropouts set; ZeRO-3 shards it as it loads.
-    quant (type, dtype), e.g. ("nf4", "bf16"): linear layers packed to 4 bits by bitsandbytes, computed in dtype."""
-    import transformers
-
-    path = resolve_model(name)
-    config = transformers.AutoConfig.from_pretrained(path)
-    for key in _DROPOUT_KEYS if dropout is not None else []:
-        if hasattr(config, key):
-            setattr(config, key, dropout)
-    sharded = None  # under ZeRO-3 the weights are sharded as they load, while this object lives
-    if zero_stage == 3 and ds_cfg is not None:  # (imported here: transformers' deepspeed module imports DeepSpeed)
-        sharded = importlib.import_module("transformers.integrations").HfDeepSpeedConfig(ds_cfg)
-    kwargs = qlora.load_kwargs(*quant) if quant else {}
-    model = getattr(transformers, auto_class).from_pretrained(path, config=config, **kwargs)
-    if quant:
-        qlora.prepare(model, getattr(transformers, auto_class), config)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(8 * math.ceil(len(tokenizer) / 8))
-    for cfg in (model.config, getattr(model, "generation_config", None)):
-        if cfg is not None:
-            cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    del sharded
-    return model
-
-
-def cap_seq_len(name, max_seq_len, flag="--max_seq_len"):  # capped at the model's positions, with a note
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(name))
-    keys = ("max_position_embeddings", "n_positions", "seq_length")
-    limit = next((getattr(config, k) for k in keys if getattr(config, k, None)), None)
-    if limit and max_seq_len > limit:
-        print_rank0(f"note: {flag} {max_seq_len} capped at the model's {limit} positions")
-        return limit
-    return max_seq_len
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The reward model (step 2; step 3's reward model and critic): a backbone + v_head, read at the last real token.
-def position_inputs(model, attention_mask):
-    """position_ids counted over real tokens (as `generate` does): left padding changes nothing. {} if not taken."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return {}  # e.g. BLOOM: ALiBi reads the attention mask itself
-    return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
-
-
-def last_token_index(attention_mask):  # [B, T] -> [B]; from the mask, never token ids: any padding side, BOS == PAD
-    """Where the reward model reads its score: the last real token of each row."""
-    return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
-
-
-def end_scores(values, attention_mask):
-    """The sequence score: values at the last real token (the EOS of a finished answer). [B, T], [B, T] -> [B]."""
-    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
-
-
-class RewardModel(nn.Module):
-    """Backbone (transformers AutoModel) + v_head: Linear(hidden, 1), init N(0, 1/sqrt(hidden+1))."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone, self.config = backbone, backbone.config
-        hidden = getattr(self.config, "word_embed_proj_dim", None) or self.config.hidden_size  # OPT projects its output
-        self.v_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.v_head.bias)
-
-    def forward(self, input_ids, attention_mask):  # per-token values [B, T], fp32
-        pos = position_inputs(self.backbone, attention_mask)
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **pos).last_hidden_state
-        return self.v_head(h).squeeze(-1).float()  # [B, T, H] -> [B, T]
-
-    def score(self, input_ids, attention_mask):
-        return end_scores(self(input_ids, attention_mask), attention_mask)
-
-
-def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None):
-    """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head."""
-    from safetensors import safe_open
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # v_head.* are "unexpected" to AutoModel: we load them below
-    try:
-        model = RewardModel(load_model(name, tokenizer, "AutoModel", dropout, zero_stage, ds_cfg, quant))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    folder = resolve_model(name)
-    index = os.path.join(folder, "model.safetensors.index.json")  # sharded: find the file holding v_head
-    files = [json.load(open(index))["weight_map"].get("v_head.weight")] if os.path.isfile(index) else []
-    files = files or ["model.safetensors"]
-    for file in (f for f in files if f and os.path.isfile(os.path.join(folder, f))):
-        with safe_open(os.path.join(folder, file), "pt") as f:
-            if "v_head.weight" in f.keys():
-                model.v_head.load_state_dict({k: f.get_tensor(f"v_head.{k}") for k in ("weight", "bias")})
-    stats = {k: getattr(model.config, k, None) for k in ("score_mean", "score_std")}
-    return model, (stats if stats["score_mean"] is not None else None)
-
-
-def save_reward_model(model, tokenizer, output_dir, json_files, stats=None):
-    """HF folder of the backbone whose weights also hold v_head.*; collective under ZeRO-3."""
-    sd = full_state_dict(model)
-    if sd is not None:
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
-        model.backbone.config.architectures = [type(model.backbone).__name__]
-        for k, v in (stats or {}).items():
-            setattr(model.backbone.config, k, v)
-    save_hf(model.backbone, tokenizer, output_dir, json_files, sd, gathered=True)
 
 
 _NO_DECAY = "bias layer_norm.weight layernorm.weight norm.weight ln_f.weight ln_1.weight ln_2.weight ln_attn.weight"

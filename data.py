@@ -7,10 +7,9 @@ Conventions (used by sft.py, reward.py and ppo.py):
   the step-1 demonstration (defaults to chosen).
 - Responses start with a space; the tokenizer's EOS is appended to every response.
 - Mask convention: attention_mask is 1 on real tokens, 0 on padding; labels are -100 where no loss is taken.
-  Training batches are right-padded, generation prompts left-padded; common.last_token_index works for both.
+  Training batches are right-padded, generation prompts left-padded; models.last_token_index works for both.
 """
 
-import collections
 import hashlib
 import json
 import math
@@ -19,14 +18,14 @@ import re
 
 import torch
 
-import builtin
-from common import UserError, barrier, cap_seq_len, print_rank0, rank, world_size
+import sources
+from common import UserError, barrier, local_rank, print_rank0, rank, world_size
+from models import cap_seq_len
 
 # DeepSpeed-Chat's "Human: ... Assistant:" dialogue form (Dahoas/rm-static's own layout).
 PROMPT_TEMPLATE = "Human: {instruction}\n\nAssistant:"
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # bump when tokenisation changes so old caches are not reused
-SPLIT_SEED = 0  # the 9:1 train/eval division of sources that ship only a train split
+CACHE_VERSION = 3  # bump when tokenisation changes so old caches are not reused
 
 
 def format_prompt(instruction):
@@ -61,15 +60,15 @@ def render_prompt(messages):
 
 
 def make_row(prompt, chosen, rejected=None):
-    """A row from a source's prompt (an instruction or a dialogue) and responses; None (the example is
-    dropped) when the prompt or chosen text is missing or the dialogue does not end with the user."""
-    if not prompt or not chosen or not prompt.strip() or not chosen.strip():
+    """A row from a source's prompt (an instruction or a dialogue) and responses (None: a prompt-only row, which only
+    step 3 uses); None (the example is dropped) when the prompt is missing or does not end with the user."""
+    if not prompt or not prompt.strip():
         return None
     messages = dialogue(prompt)
     if messages[-1]["role"] != "user" or not messages[-1]["content"]:
         return None
-    chosen = " " + chosen.strip()
-    rejected = " " + rejected.strip() if rejected and rejected.strip() else None
+    text = lambda t: " " + t.strip() if t and t.strip() else None
+    chosen, rejected = text(chosen), text(chosen) and text(rejected)
     return dict(prompt=render_prompt(messages), messages=messages, chosen=chosen, rejected=rejected, response=chosen)
 
 
@@ -108,203 +107,18 @@ def apply_chat_template(rows, tokenizer):
     return [{**r, "prompt": render_messages(r["messages"], tokenizer), **{k: strip(r[k]) for k in keys}} for r in rows]
 
 
-# --------------------------------------------------------------------------------------------
-# Sources: one adapter per hub schema, example -> (prompt, chosen, rejected) or None to drop it. A
-# --data_path is a hub name, a local folder whose path ends with one and holds that repository's files
-# (datasets infers splits from their names), or a .json/.jsonl/.parquet file (FILE_SOURCE). `files`
-# names the repository files to read where inference would read the wrong ones, `hub` where the hub
-# copy differs (script repositories: their parquet export). Schemas: each dataset's hub card; mapping:
-# DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat/utils/data/raw_datasets.py.
-Source = collections.namedtuple("Source", "columns adapter files hub check load kind", defaults=(None,) * 5)
-FILE_SOURCE = "file"
-DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
-
-
-def _triple(x):  # prompt, chosen, rejected columns as they are
-    return x["prompt"], x["chosen"], x["rejected"]
-
-
-def _after_assistant(text):  # yitingxie: responses carry the final "Assistant:" header
-    return text.split("Assistant:")[-1]
-
-
-def _yitingxie(x):  # the prompt lacks its final "Assistant:", which the responses carry
-    return x["prompt"] + "Assistant:", _after_assistant(x["chosen"]), _after_assistant(x["rejected"])
-
-
-def _uncite(text):  # WebGPT answers cite their browsing quotes as [1], [2, 3]: meaningless without them
-    return re.sub(r"\s?\[\d+(?:,\s*\d+)*\]", "", text)
-
-
-def _webgpt(x):  # the higher-scored answer is chosen; ties carry no preference and are dropped
-    if x["score_0"] == x["score_1"]:
-        return None
-    better, worse = (x["answer_0"], x["answer_1"]) if x["score_0"] > x["score_1"] else (x["answer_1"], x["answer_0"])
-    return x["question"]["full_text"], _uncite(better), _uncite(worse)
-
-
-def _shp(x):  # labels == 1: human_ref_A preferred
-    a, b = x["human_ref_A"], x["human_ref_B"]
-    return (x["history"], a, b) if int(x["labels"]) == 1 else (x["history"], b, a)
-
-
-def _first(items, key=None):
-    return (items[0][key] if key else items[0]) if items else None
-
-
-def _hh(x):  # whole dialogues: the prompt is everything up to the last "\n\nAssistant:"
-    cut = x["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
-    if cut < len("\n\nAssistant:") or not x["rejected"].startswith(x["chosen"][:cut]):
-        return None  # no assistant turn, or the two dialogues differ before their last answer
-    return x["chosen"][:cut], x["chosen"][cut:], x["rejected"][cut:]
-
-
-def _mkqa(lang):
-    return lambda x: (x["queries"][lang], _first(x["answers"][lang], "text"), None)
-
-
-def _miracl(x):
-    return x["query"], _first(x["positive_passages"], "text"), _first(x["negative_passages"], "text")
-
-
-def _sort():  # builtin:sort keeps its imperfect demonstrations as the step-1 responses
-    row = lambda x: {**make_row(x["prompt"], x["chosen"], x["rejected"]), "response": " " + x["response"]}
-    return {part: [row(x) for x in xs] for part, xs in builtin.sort_dataset().items()}
-
-
-def _hc3(x):
-    return x["question"], _first(x["human_answers"]), None
-
-
-def _file(x):  # generic files: prompt with chosen (+ rejected) or response
-    return x["prompt"], x.get("chosen") or x.get("response"), x.get("rejected")
-
-
-MKQA = "hf://datasets/apple/mkqa@~parquet/mkqa/train/*.parquet"
-WEB = {"train": "hf://datasets/openai/webgpt_comparisons@~parquet/default/train/*.parquet"}  # its parquet export
-QG = {"train": "data/processed/train*.jsonl", "validation": "data/processed/validation*.jsonl"}  # lmqg's files
-SOURCES = {
-    "builtin:sort": Source((), None, check=builtin.sort_check, load=_sort, kind=builtin.sort_error_kind),
-    "Dahoas/rm-static": Source(("prompt", "chosen", "rejected"), _triple),
-    "Dahoas/full-hh-rlhf": Source(("prompt", "chosen", "rejected"), _triple),
-    "Dahoas/synthetic-instruct-gptj-pairwise": Source(("prompt", "chosen", "rejected"), _triple),
-    "yitingxie/rlhf-reward-datasets": Source(("prompt", "chosen", "rejected"), _yitingxie),
-    "openai/webgpt_comparisons": Source(("question", "answer_0", "answer_1", "score_0", "score_1"), _webgpt, hub=WEB),
-    "stanfordnlp/SHP": Source(("history", "human_ref_A", "human_ref_B", "labels"), _shp),
-    "pvduy/sharegpt_alpaca_oa_vicuna_format": Source(("prompt", "label"), lambda x: (x["prompt"], x["label"], None)),
-    "wangrui6/Zhihu-KOL": Source(("INSTRUCTION", "RESPONSE"), lambda x: (x["INSTRUCTION"], x["RESPONSE"], None)),
-    "Cohere/miracl-zh-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
-    "Cohere/miracl-ja-queries-22-12": Source(("query", "positive_passages", "negative_passages"), _miracl),
-    "Hello-SimpleAI/HC3-Chinese": Source(("question", "human_answers"), _hc3, {"train": "all.jsonl"}),
-    "mkqa-Chinese": Source(("queries", "answers"), _mkqa("zh_cn"), hub={"train": MKQA}),
-    "mkqa-Japanese": Source(("queries", "answers"), _mkqa("ja"), hub={"train": MKQA}),
-    "lmqg/qg_jaquad": Source(("question", "sentence"), lambda x: (x["question"], x["sentence"], None), files=QG),
-    "lmqg/qag_jaquad": Source(("questions", "paragraph"), lambda x: (_first(x["questions"]), x["paragraph"], None), QG),
-    # DeepSpeed-Chat's own: data/train.json and data/eval.json in the working directory
-    "local/jsonfile": Source(("prompt", "chosen"), _file, files={"train": "data/train.json", "eval": "data/eval.json"}),
-    "Anthropic/hh-rlhf": Source(("chosen", "rejected"), _hh, {"train": "*/train.jsonl.gz", "test": "*/test.jsonl.gz"}),
-    FILE_SOURCE: Source(("prompt", "chosen|response"), _file),
-}
-
-
-def resolve_source(path):
-    """The SOURCES key for a --data_path: the name itself, a local folder whose path ends with it, or a
-    data file."""
-    if path in SOURCES and path != FILE_SOURCE:
-        return path
-    norm = os.path.normpath(path)
-    if os.path.isfile(norm) and norm.endswith(DATA_EXTENSIONS):
-        return FILE_SOURCE
-    for key in SOURCES:
-        if norm.endswith(os.sep + os.path.normpath(key)) and os.path.isdir(norm):
-            return key
-    known = ", ".join(k for k in SOURCES if k != FILE_SOURCE)
-    files = "/".join(DATA_EXTENSIONS)
-    or_else = f"or a local folder ending in one of them, or a {files} file"
-    raise UserError(f"--data_path {path}: unknown dataset (known: {known}; {or_else})")
-
-
-def checker_for(paths):
-    """The ground-truth checker shared by all sources, or None when any source has none."""
-    checks = {SOURCES[resolve_source(p)].check for p in paths}
-    return checks.pop() if len(checks) == 1 else None
-
-
-def error_kind_for(paths):
-    """The sources' shared classifier of rejected answers, (prompt, chosen, rejected) -> kind, or None."""
-    kinds = {SOURCES[resolve_source(p)].kind for p in paths}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
-def _load_dataset(path, key, src):
-    """({split: Dataset}, {split: file pattern}) of a source: a local folder, file or (local/jsonfile) the
-    working directory, or the hub. Named files load one split at a time, so each split's columns are
-    checked, and named, on their own."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    local = key in ("local/jsonfile", FILE_SOURCE) or os.path.isdir(path)
-    files = {"train": path} if key == FILE_SOURCE else src.files if local else src.hub or src.files
-    if files and not local:
-        files = {s: f if f.startswith("hf://") else f"hf://datasets/{key}/{f}" for s, f in files.items()}
-    elif files and key != FILE_SOURCE:
-        files = {s: os.path.join("." if key == "local/jsonfile" else path, f) for s, f in files.items()}
-    try:
-        if files:
-            builder = lambda f: "parquet" if f.endswith(".parquet") else "json"
-            return {s: datasets.load_dataset(builder(f), data_files={s: f}, split=s) for s, f in files.items()}, files
-        return dict(datasets.load_dataset(path)), {}
-    except FileNotFoundError as e:
-        raise UserError(f"--data_path {path}: {str(e).splitlines()[0]}") from None
-    except RuntimeError as e:  # "Dataset scripts are no longer supported": a script-only hub repository
-        if "scripts are no longer supported" not in str(e):
-            raise
-        hint = "download its parquet export (revision refs/convert/parquet) and pass that folder"
-        raise UserError(f"--data_path {path}: {e}; {hint}") from None
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = str(e.__cause__ or e).splitlines()[0]
-        raise UserError(f"--data_path {path}: cannot read its files ({cause})") from None
-    except (ConnectionError, OSError) as e:
-        if local:
-            raise UserError(f"--data_path {path}: could not read it as a dataset ({type(e).__name__}: {e})") from None
-        hint = f"download the dataset repository and pass its folder, e.g. /data/{key}"
-        raise UserError(
-            f"--data_path {path}: not found locally and the Hugging Face Hub is unreachable; {hint}"
-        ) from None
-
-
-def _splits(ds, path):
-    """[(name, train), (name, eval)] of {split: Dataset}; a source with only `train` is divided 9:1, the
-    same way every time."""
-    if "train" not in ds:
-        raise UserError(f"--data_path {path}: no 'train' split (has: {', '.join(ds)})")
-    for name in ("test", "validation", "eval", "dev"):
-        if name in ds:
-            return [("train", ds["train"]), (name, ds[name])]
-    parts = ds["train"].train_test_split(test_size=0.1, seed=SPLIT_SEED)
-    return [("train", parts["train"]), ("train", parts["test"])]
-
-
 def load_source(path):
-    """{"train": rows, "eval": rows} of one --data_path, through its adapter."""
-    key = resolve_source(path)
-    src = SOURCES[key]
-    if src.load:
-        return src.load()
+    """{"train": rows, "eval": rows} of one --data_path, through its adapter (sources.py)."""
     out, dropped = {}, 0
-    ds, files = _load_dataset(path, key, src)
-    for part, (name, split) in zip(("train", "eval"), _splits(ds, path)):
-        where = f"--data_path {path}" + (f" ({files[name]})" if name in files and files[name] != path else "")
-        missing = [c for c in src.columns if not any(a in split.column_names for a in c.split("|"))]
-        if missing:
-            raise UserError(f"{where}: missing column(s) {', '.join(missing)} (has: {', '.join(split.column_names)})")
-        rows = [make_row(*t) if t else None for t in map(src.adapter, split)]
+    for part, (where, examples) in sources.read(path).items():
+        rows = [make_row(*t[:3]) if t else None for t in examples]
+        rows = [{**r, "response": " " + t[3]} if r and len(t) > 3 else r for r, t in zip(rows, examples)]
         out[part] = [r for r in rows if r]
         dropped += len(rows) - len(out[part])
         if not out[part]:
-            raise UserError(f"{where}: no usable {part} rows (all {len(rows)} lack a prompt or a response)")
+            raise UserError(f"{where}: no usable {part} rows (all {len(rows)} lack a prompt)")
     if dropped:
-        print_rank0(f"data: {path}: dropped {dropped} examples without a usable prompt/response (or tied scores)")
+        print_rank0(f"data: {path}: dropped {dropped} examples without a usable prompt (or with tied scores)")
     return out
 
 
@@ -331,17 +145,23 @@ def phase_indices(n, split, phase, seed):
     return sorted(perm[lo:hi])
 
 
-def phase_rows(paths, split, phase, seed, need_pairs=False, chat_tokenizer=None):
-    """{"train": rows, "eval": rows} of one phase, blended over every --data_path; with need_pairs only rows
-    with a rejected response; with chat_tokenizer rendered in its chat template (--chat_template)."""
+NEEDS = {"prompt": (), "response": ("response",), "pairs": ("chosen", "rejected")}  # what each step's rows must have
+
+
+def phase_rows(paths, split, phase, seed, need="response", chat_tokenizer=None):
+    """{"train": rows, "eval": rows} of one phase, blended over every --data_path, keeping the rows that have what
+    `need` says (NEEDS: step 1 a response, step 2 pairs, step 3 a prompt; filtered after the split, so the phases stay
+    disjoint); with chat_tokenizer rendered in its chat template (--chat_template)."""
     out = {"train": [], "eval": []}
     for path in paths:
         raw = load_source(path)
         for part in out:
-            rows = [r for r in raw[part] if r["rejected"] is not None] if need_pairs else raw[part]
-            if not rows:
-                raise UserError(f"--data_path {path}: has no chosen/rejected pairs (needed for the reward model)")
-            out[part] += [rows[i] for i in phase_indices(len(rows), split, phase, seed)]
+            rows = [raw[part][i] for i in phase_indices(len(raw[part]), split, phase, seed)]
+            kept = [r for r in rows if all(r[k] is not None for k in NEEDS[need])]
+            if rows and not kept:
+                what = "chosen/rejected pairs (needed for the reward model)" if need == "pairs" else "responses"
+                raise UserError(f"--data_path {path}: its phase-{phase} {part} rows have no {what}")
+            out[part] += kept
     for part, rows in out.items():
         if not rows:
             raise UserError(f"--data_path {' '.join(paths)}: no {part} rows left for phase {phase} of --data_split")
@@ -352,22 +172,42 @@ def phase_rows(paths, split, phase, seed, need_pairs=False, chat_tokenizer=None)
 
 # --------------------------------------------------------------------------------------------
 # Tokenisation and collation.
-def encode_pair(tokenizer, prompt, response, max_len, train_on_prompt=False):
-    """input_ids and labels for prompt + response + EOS, truncated to max_len. Labels are -100 on the
-    prompt (unless train_on_prompt), so the loss is on the response and its EOS only."""
-    p = encode_prompt(tokenizer, prompt)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + r)[:max_len]
-    labels = (p if train_on_prompt else [IGNORE_INDEX] * len(p)) + r
-    return {"input_ids": ids, "labels": labels[:max_len]}
-
-
 def encode_prompt(tokenizer, prompt, max_len=None):
     """Prompt ids with the tokenizer's specials (a BOS) but never ending in EOS: a post-processor that closes every
     text (BERT's [CLS] ... [SEP], with [SEP] as EOS) would end the dialogue before the answer. An over-long prompt
-    keeps its end (where "Assistant:" is)."""
+    keeps its end (where "Assistant:" is) and its BOS."""
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return (ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids)[-(max_len or len(ids)) :]
+    ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+    if max_len is None or len(ids) <= max_len:
+        return ids
+    bos = ids[:1] if ids[0] == tokenizer.bos_token_id else []
+    return bos + ids[len(ids) - max_len + len(bos) :]
+
+
+def encode_response(tokenizer, prompt_ids, prompt, response):
+    """Response ids + EOS as they follow the prompt: tokenised in context, so that a SentencePiece tokenizer (Llama-2,
+    Mistral) gives the first word its own "▁word" token (alone, " a" starts with a lone "▁" never seen in context);
+    alone only if the prompt's tokens change at the boundary."""
+    full = encode_prompt(tokenizer, prompt + response)
+    fits = full[: len(prompt_ids)] == prompt_ids
+    ids = full[len(prompt_ids) :] if fits else tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_row(tokenizer, prompt, responses, max_len, train_on_prompt=False):
+    """[{"input_ids", "labels"}] of prompt + each response + EOS, one prompt for all (a pair shares its context), and
+    whether the prompt was cut; labels -100 on the prompt unless train_on_prompt. A row too long for max_len keeps its
+    responses whole with their EOS (where the reward model reads its score, where the policy learns to stop) and the
+    end of its prompt (cutting from the right, as DeepSpeed-Chat does, loses a long answer's EOS and makes a pair with
+    a long prompt identical); it is dropped (None) when that leaves the prompt less than a quarter of max_len."""
+    p = encode_prompt(tokenizer, prompt)
+    rs = [encode_response(tokenizer, p, prompt, r) for r in responses]
+    room = max_len - max(len(r) for r in rs)
+    if room < min(len(p), max_len // 4 or 1):
+        return None
+    cut, p = len(p) > room, encode_prompt(tokenizer, prompt, room)
+    head = p if train_on_prompt else [IGNORE_INDEX] * len(p)
+    return [{"input_ids": p + r, "labels": head + r} for r in rs], cut
 
 
 def pad(seqs, value, left=False):
@@ -398,6 +238,12 @@ def collate_prompts(prompts, pad_id):
     return {"input_ids": pad(prompts, pad_id, True), "attention_mask": pad([[1] * len(s) for s in prompts], 0, True)}
 
 
+def prompt_batch(prompts, idx, pad_id):
+    """Prompts idx of a build_prompts split: token ids left-padded for generation, and their instructions."""
+    batch = collate_prompts([prompts["ids"][i] for i in idx], pad_id)
+    return {**batch, "instructions": [prompts["instructions"][i] for i in idx]}
+
+
 # --------------------------------------------------------------------------------------------
 # Step 3's inputs: prompts, and text for the PPO-ptx language-model loss.
 def build_prompts(args, tokenizer):
@@ -408,10 +254,10 @@ def build_prompts(args, tokenizer):
     if limit < 1:
         raise UserError(f"--max_answer_seq_len {args.max_answer_seq_len}: leaves no room for a prompt in the model")
     chat = tokenizer if args.chat_template else None
-    rows = phase_rows(args.data_path, args.split, 3, args.seed, chat_tokenizer=chat)
+    rows = phase_rows(args.data_path, args.split, 3, args.seed, need="prompt", chat_tokenizer=chat)
     out = {}
     for part, part_rows in rows.items():
-        ids = [tokenizer(r["prompt"])["input_ids"] for r in part_rows]
+        ids = [encode_prompt(tokenizer, r["prompt"]) for r in part_rows]
         keep = [i for i, x in enumerate(ids) if len(x) <= limit]
         if len(keep) < len(ids):
             print_rank0(f"data: dropped {len(ids) - len(keep)} {part} prompts longer than {limit} tokens")
@@ -431,12 +277,14 @@ def build_ptx(args, tokenizer):
     name = args.unsupervised_dataset_name
     block = cap_seq_len(args.actor, args.max_prompt_seq_len + args.max_answer_seq_len, "PPO-ptx block length")
     try:
-        key = resolve_source(name)
+        key = sources.resolve_source(name)
     except UserError:
         key = None
     if key is not None:  # one of our sources: its phase-3 train prompts and chosen responses as text
         chat = tokenizer if args.chat_template else None
-        texts = [r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed, False, chat)["train"]]
+        texts = [
+            r["prompt"] + r["chosen"] for r in phase_rows([name], args.split, 3, args.seed, "response", chat)["train"]
+        ]
     else:
         import datasets
 
@@ -469,6 +317,14 @@ def rank_batches(n, batch_size):
     return [mine[c * batch_size : (c + 1) * batch_size] for c in range(calls)]
 
 
+def eval_batches(dataset, batch_size, collate):
+    """This rank's share of an eval set, each row once (a DistributedSampler repeats rows to even the ranks out, which
+    biases the metrics): (batch, n real rows); a rank with none left gets a dummy batch (n = 0), so that ZeRO-3 ranks
+    still forward together."""
+    for idx in rank_batches(len(dataset), batch_size):
+        yield collate([dataset[i] for i in idx or [0]]), len(idx)
+
+
 # --------------------------------------------------------------------------------------------
 # The tokenised cache: a datasets folder keyed by a hash of the rows plus all else that changes the tokens (tokenizer,
 # EOS, PAD, lengths, template), so edited files rebuild it.
@@ -484,17 +340,31 @@ def cache_key(rows, tokenizer, **settings):
 
 
 def build_cached(name, rows, tokenizer, cache_dir, encode, **settings):
-    """{"train", "eval"} Datasets of encode(row) for every row, from cache_dir/<name>-<key>; rank 0 builds it."""
+    """{"train", "eval"} Datasets of encode(row) for every row (None: dropped; a "cut" key: its prompt was cut), from
+    cache_dir/<name>-<key>, built by each node's first rank (others wait: a node may not share the filesystem)."""
     import datasets
 
     folder = os.path.join(cache_dir, f"{name}-{cache_key(rows, tokenizer, **settings)}")
-    if rank() == 0 and not os.path.isdir(folder):
-        tmp = f"{folder}.tmp{os.getpid()}"
-        parts = {k: datasets.Dataset.from_list([encode(r) for r in v]) for k, v in rows.items()}
-        datasets.DatasetDict(parts).save_to_disk(tmp)
+    if local_rank() == 0 and not os.path.isdir(folder):
+        tmp, parts, counts = f"{folder}.tmp{os.getpid()}", {}, {}
+        for part, part_rows in rows.items():
+            parts[part] = [e for e in map(encode, part_rows) if e is not None]
+            counts[part] = [len(part_rows) - len(parts[part]), sum(e.pop("cut", False) for e in parts[part])]
+        if all(parts.values()):
+            datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()}).save_to_disk(tmp)
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "counts.json"), "w") as f:
+            json.dump({part: [*counts[part], len(rows[part])] for part in rows}, f)
         if not os.path.exists(folder):  # another job may have built it meanwhile
             os.replace(tmp, folder)
         print_rank0(f"data: cached {name} at {folder}")
     barrier()
+    for part, (dropped, cut, n) in json.load(open(os.path.join(folder, "counts.json"))).items():
+        if dropped == n:
+            why = f"every {part} row's response + EOS leaves its prompt less than a quarter of it"
+            raise UserError(f"--max_seq_len {settings.get('max_seq_len')}: no {name} row fits ({why})")
+        if dropped or cut:
+            what = f"{dropped} dropped (response + EOS leaves the prompt < max_len / 4), {cut} prompts cut to their end"
+            print_rank0(f"data: {name} {part}: {what}, of {n} rows")
     out = datasets.load_from_disk(folder)
     return {k: out[k] for k in out}

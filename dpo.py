@@ -1,11 +1,10 @@
 """Direct Preference Optimization (Rafailov et al. 2023), the one-file alternative to steps 2 + 3: the step-1 model
 learns from step 2's pairs against a frozen copy of itself. A micro-batch is per_device_train_batch_size pairs per
-rank (chosen and rejected in one forward pass); global = x accumulation x ranks.
+rank (chosen and rejected in one forward pass); global = x accumulation x ranks. Outputs: an HF causal-LM folder,
+args.json, metrics.json, log.csv, eval_generations(_start).jsonl (step 3's form).
 
-    python dpo.py --model_name_or_path output/step1_sft --output_dir output/dpo            # the demo, on CPU
-    deepspeed --num_gpus 8 dpo.py --model_name_or_path out/sft --data_path Dahoas/rm-static --zero_stage 3 ...
-
-Outputs: an HF causal-LM folder, args.json, metrics.json, log.csv, eval_generations(_start).jsonl (step 3's form)."""
+    python train.py --algo dpo                                   # the demo, on CPU: step 1, then DPO at its recipe
+    deepspeed --num_gpus 8 dpo.py --model_name_or_path out/sft --data_path Dahoas/rm-static --zero_stage 3 ..."""
 
 import argparse
 import math
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 import common
 import data
 import lora
+import models
+import sources
 from common import UserError, print_rank0
 
 LOSSES, PAIR = ("sigmoid", "ipo", "hinge"), ("chosen", "rejected")
@@ -32,12 +33,12 @@ def parse_args(argv=None):
     g("--loss_type", default="sigmoid", choices=LOSSES, help="sigmoid: DPO; ipo: Azar et al. 2023; hinge: SLiC")
     g("--label_smoothing", type=float, default=0.0, help="conservative DPO: the share of labels assumed flipped")
     g("--rpo_alpha", type=float, default=0.0, help="weight of the chosen answers' NLL (RPO, Pang et al. 2024)")
-    g("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    g("--learning_rate", type=float, default=1e-6, help="peak learning rate (TRL's DPO default)")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     g("--num_train_epochs", type=int, default=1, help="passes over the phase-2 pairs")
     g("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
-    g("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
-    g("--per_device_eval_batch_size", type=int, default=32, help="pairs (or prompts) per eval micro-batch per rank")
+    g("--per_device_train_batch_size", type=int, default=8, help="pairs per micro-batch per rank")
+    g("--per_device_eval_batch_size", type=int, default=16, help="pairs (or prompts) per eval micro-batch per rank")
     g("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g("--lr_scheduler_type", default="cosine", help="transformers scheduler: linear, cosine, constant, ...")
     g("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     g("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) with chosen/rejected pairs to blend")
     g("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3 (phase 2 is trained on)")
     g("--chat_template", action="store_true", help="the tokenizer's chat template (as in step 1)")
+    g("--eos_token", default=None, help="the token that ends a response (default: the tokenizer's EOS)")
     g("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="tokenised cache")
     g("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
     g("--eval_max_new_tokens", type=int, default=64, help="greedy answer length cap for the accuracy eval")
@@ -86,16 +88,16 @@ def check_args(args):
     common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
-        data.resolve_source(path)
+        sources.resolve_source(path)
     sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len")
     common.check_at_least_one(args, *sizes)
     if args.beta <= 0:
         raise UserError(f"--beta {args.beta}: must be > 0")
     if not 0 <= args.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 0.5)")
-    lora.check_flags(args, "--offload_reference_model" if args.offload_reference_model else None)  # of a 4-bit ref
     common.check_output_dir(args.output_dir)
-    common.check_model_path(args.model_name_or_path)
+    models.check_model_path(args.model_name_or_path)
+    lora.check_flags(args, "--offload_reference_model" if args.offload_reference_model else None)  # of a 4-bit ref
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
 
 
@@ -103,10 +105,8 @@ def check_args(args):
 # ALGO LOGIC: the loss, the log-probabilities it compares, the data, the evaluation, and the loop in main().
 def sequence_logprobs(logits, labels):
     """Summed log-probs of the labelled (response + EOS; not -100) tokens: logits [B, T, V], labels [B, T] -> [B]."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1
-    mask = labels != data.IGNORE_INDEX
-    logp = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (logp * mask).sum(-1)
+    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1: [B, T-1]
+    return (models.logprobs_from_logits(logits, labels.clamp(min=0)) * (labels != data.IGNORE_INDEX)).sum(-1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
@@ -133,9 +133,10 @@ def nll_loss(policy_chosen, chosen_tokens):
 def build_data(args, tokenizer):
     """Tokenised phase-2 pairs (the rows reward.py trains on), each answer with labels on its response + EOS only."""
     chat = tokenizer if args.chat_template else None
-    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need_pairs=True, chat_tokenizer=chat)
-    pair = lambda r, k: data.encode_pair(tokenizer, r["prompt"], r[k], args.max_seq_len)
-    encode = lambda r: {f"{k}_{x}": pair(r, k)[x] for k in PAIR for x in ("input_ids", "labels")}
+    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need="pairs", chat_tokenizer=chat)
+    enc = lambda r: data.encode_row(tokenizer, r["prompt"], [r[k] for k in PAIR], args.max_seq_len)  # None: too long
+    pairs = lambda e: {f"{k}_{x}": row[x] for k, row in zip(PAIR, e[0]) for x in ("input_ids", "labels")}
+    encode = lambda r: (e := enc(r)) and {**pairs(e), "cut": e[1]}
     return data.build_cached("dpo", rows, tokenizer, args.data_output_path, encode, max_seq_len=args.max_seq_len)
 
 
@@ -152,17 +153,17 @@ def pair_logprobs(engine, batch):
 
 
 @torch.no_grad()
-def evaluate(engine, ref, loader, prompts, checker, tokenizer, args, device):
+def evaluate(engine, ref, batches, prompts, checker, tokenizer, args, device):
     """Eval pairs: loss, implicit reward accuracy (beta * log-ratio of chosen > rejected), rewards, margin; with a
     checker, greedy answers to step 3's held-out prompts: accuracy, exact KL to the reference, length, EOS rate."""
     engine.eval()
-    loss_args, eos, models = (args.beta, args.loss_type, args.label_smoothing), tokenizer.eos_token_id, (engine, ref)
+    loss_args, eos = (args.beta, args.loss_type, args.label_smoothing), tokenizer.eos_token_id
     sums = dict.fromkeys("loss correct chosen rejected pairs accuracy kl response_length eos_rate n".split(), 0.0)
-    for batch in loader:
+    for batch, rows in batches():  # rows 0: a dummy batch (ZeRO-3 ranks forward together), not counted
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, chosen, rejected = dpo_loss(*pair_logprobs(engine, batch), *pair_logprobs(ref, batch), *loss_args)
         values = (loss * len(chosen), chosen > rejected, chosen, rejected, torch.ones_like(chosen))
-        for key, value in zip(("loss", "correct", "chosen", "rejected", "pairs"), values):
+        for key, value in zip(("loss", "correct", "chosen", "rejected", "pairs"), values if rows else ()):
             sums[key] += value.sum().item()
     records = []
     for idx in data.rank_batches(len(prompts["ids"]), args.per_device_eval_batch_size) if checker else []:
@@ -174,8 +175,8 @@ def evaluate(engine, ref, loader, prompts, checker, tokenizer, args, device):
         is_eos = (response == eos).long()  # [B, Tr]
         mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
         seq, attn, tq = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1), query.shape[1]
-        logp = [F.log_softmax(m(input_ids=seq, attention_mask=attn).logits[:, tq - 1 : -1].float(), -1) for m in models]
-        kl = ((logp[0].exp() * (logp[0] - logp[1])).sum(-1) * mask).sum(1)  # exact KL(pi || ref) per answer [B]
+        logits = [m(input_ids=seq, attention_mask=attn).logits[:, tq - 1 : -1] for m in (engine, ref)]
+        kl = (models.kl_from_logits(*logits) * mask).sum(1)  # exact KL(pi || ref) per answer [B], a row at a time
         for j, i in enumerate(idx):
             text = tokenizer.decode(data.cut_at_eos(response[j].tolist(), eos), skip_special_tokens=True)
             right = bool(checker(prompts["texts"][i], text))
@@ -201,18 +202,16 @@ def main(argv=None):
     from transformers import get_scheduler
 
     path = args.model_name_or_path
-    tokenizer = common.load_tokenizer(path)
-    args.max_seq_len = common.cap_seq_len(path, args.max_seq_len)
+    tokenizer = models.load_tokenizer(path, chat_template=args.chat_template, eos_token=args.eos_token)
+    args.max_seq_len = models.cap_seq_len(path, args.max_seq_len)
 
     # ---- data: phase-2 pairs (as step 2) and, with a checker, step 3's held-out prompts; before the models load
-    sets, checker = build_data(args, tokenizer), data.checker_for(args.data_path)
+    sets, checker = build_data(args, tokenizer), sources.checker_for(args.data_path)
     limits = {"actor": path, "max_prompt_seq_len": 256, "max_answer_seq_len": args.eval_max_new_tokens}  # as step 3
     prompts = data.build_prompts(argparse.Namespace(**vars(args), **limits), tokenizer)[1] if checker else None
     batches = lambda b: collate(b, tokenizer.pad_token_id)
     sampler = DistributedSampler(sets["train"], shuffle=True, seed=args.seed)
     train_loader = DataLoader(sets["train"], args.per_device_train_batch_size, sampler=sampler, collate_fn=batches)
-    eval_sampler = DistributedSampler(sets["eval"], shuffle=False)
-    eval_loader = DataLoader(sets["eval"], args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=batches)
 
     # ---- batch hierarchy: pairs per micro-batch per rank x accumulation x ranks = pairs per optimizer step
     world, micro, accum = common.world_size(), args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -227,7 +226,7 @@ def main(argv=None):
     mon = common.monitors(args.report_to, args.tensorboard_path, "dpo")
     ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
     quant = (args.bnb_4bit_quant_type, args.dtype) if args.load_in_4bit else None  # the reference: the same 4 bits
-    model = common.load_model(path, tokenizer, "AutoModelForCausalLM", args.dropout, args.zero_stage, ds_cfg, quant)
+    model = models.load_model(path, tokenizer, "AutoModelForCausalLM", args.dropout, args.zero_stage, ds_cfg, quant)
     if args.lora_dim > 0:  # a 4-bit base cannot train: only LoRA does
         lora.add_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora or args.load_in_4bit)
     if args.gradient_checkpointing:
@@ -236,13 +235,14 @@ def main(argv=None):
     optimizer = common.make_optimizer(model, *lrs, args.offload)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    ref_model = common.load_model(path, tokenizer, dropout=0.0, quant=quant).requires_grad_(False)
-    ref_stage = 3 if args.zero_stage == 3 or args.offload_reference_model else 0
+    ref_stage = 3 if args.zero_stage == 3 or args.offload_reference_model else 0  # sharded as it loads
     ref_cfg = common.ds_config(ref_stage, args.dtype, micro, offload=args.offload_reference_model, train=False)
-    ref, *_ = deepspeed.initialize(model=ref_model, config=ref_cfg)
+    ref_model = models.load_model(path, tokenizer, "AutoModelForCausalLM", 0.0, ref_stage, ref_cfg, quant)
+    ref, *_ = deepspeed.initialize(model=ref_model.requires_grad_(False), config=ref_cfg)
     ref.eval()
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
-    eval_args = (engine, ref, eval_loader, prompts, checker, tokenizer, args, device)
+    eval_batches = lambda: data.eval_batches(sets["eval"], args.per_device_eval_batch_size, batches)
+    eval_args = (engine, ref, eval_batches, prompts, checker, tokenizer, args, device)
 
     # ---- loop
     start, records = evaluate(*eval_args)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError, print_rank0
+from models import resolve_model
 from qlora import is_4bit
 
 
@@ -55,10 +56,16 @@ class LinearLayer_LoRA(nn.Module):  # DeepSpeed-Chat's name, which its hybrid en
         return out + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
 
 
+def linear_layers(model, module_name):  # [(name, module)] of the nn.Linear / Conv1D / Linear4bit named *module_name*
+    from transformers.pytorch_utils import Conv1D
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
+
+
 def convert_to_lora(model, module_name, lora_dim, flag="--lora_module_name"):  # nn.Linear/Conv1D named *module_name*
     from transformers.pytorch_utils import Conv1D
 
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and module_name in n]
+    targets = linear_layers(model, module_name)
     if not targets:
         raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
     for name, module in targets:
@@ -103,9 +110,24 @@ def check_4bit(flag, zero_stage, stage_flag="--zero_stage", lora_dim=None, lora_
         raise UserError(f"{offloaded} with {flag}: ZeRO-3 cannot hold 4-bit weights; the model stays on the device")
 
 
-def check_flags(args, offloaded=None):
-    """The LoRA flags of a one-model stage (sft.py, reward.py, dpo.py): --only_optimize_lora, --load_in_4bit."""
+def check_module_name(model_name, module_name, flag="--lora_module_name", auto_class="AutoModelForCausalLM"):
+    """A --lora_module_name matches a linear layer: checked on an empty (meta-device) copy of the architecture, before
+    any weights load."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(resolve_model(model_name))
+    with torch.device("meta"):
+        model = getattr(transformers, auto_class).from_config(config)
+    if module_name is not None and not linear_layers(model, module_name):
+        raise UserError(f"{flag} {module_name!r}: matches no linear layer of {type(model).__name__}")
+
+
+def check_flags(args, offloaded=None, auto_class="AutoModelForCausalLM"):
+    """The LoRA flags of a one-model stage (sft.py, reward.py, dpo.py): --only_optimize_lora, --load_in_4bit,
+    --lora_module_name (after --model_name_or_path is known to load)."""
     if args.only_optimize_lora and args.lora_dim == 0:
         raise UserError("--only_optimize_lora needs --lora_dim > 0")
     if args.load_in_4bit:
         check_4bit("--load_in_4bit", args.zero_stage, lora_dim=args.lora_dim, offloaded=offloaded)
+    if args.lora_dim:
+        check_module_name(args.model_name_or_path, args.lora_module_name, auto_class=auto_class)

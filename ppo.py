@@ -2,8 +2,8 @@
 from the reward model) and reward model (frozen), as in InstructGPT sec. 3.5 and Ziegler et al. 2019, with
 DeepSpeed-Chat's flags and API (RLHFEngine, PPOTrainer); or critic-free estimators and programmatic rewards.
 
-    python ppo.py --actor output/step1_sft --reward output/step2_reward --output_dir output/step3_ppo      # the demo
-    python ppo.py --actor output/step1_sft --reward_fn checker --advantage_estimator grpo --n_samples_per_prompt 4 ...
+    python train.py   # the demo: steps 1-3 on CPU at its recipe (builtin.DEMO_RECIPE); the defaults are for real models
+    python ppo.py --actor out/sft --reward_fn checker --advantage_estimator grpo --n_samples_per_prompt 4 ...
     deepspeed --num_gpus 8 ppo.py --actor out/sft --reward out/reward --actor_zero_stage 3 --enable_hybrid_engine ...
 
 Batch hierarchy, per rank (global = per rank x ranks): a rollout is per_device_generation_batch_size x
@@ -17,7 +17,7 @@ mask [B, Tr] (1 up to and including the first EOS), logprobs, ref_logprobs, valu
 """
 
 import argparse
-import importlib.util
+import math
 import os
 import time
 
@@ -27,8 +27,10 @@ import torch.nn.functional as F
 import common
 import data
 import lora
-import qlora
+import models
+import sources
 from common import UserError, print_rank0
+from models import entropy_from_logits, kl_from_logits, logprobs_from_logits
 
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 GROUP = {"grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm", "rloo": "token-mean"}  # and its loss mode
@@ -55,7 +57,14 @@ def parse_args(argv=None):
     g("--loss_agg_mode", default=None, choices=AGG_MODES, help="how token losses average (default: the estimator's)")
     g("--gamma", type=float, default=1.0, help="discount")
     g("--lam", type=float, default=0.95, help="GAE lambda")
-    g("--cliprange", type=float, default=0.2, help="policy ratio clip")
+    g("--cliprange", type=float, default=0.2, help="policy ratio clip (the lower one with --cliprange_high)")
+    g("--cliprange_high", type=float, default=None, help="DAPO's clip-higher: the upper clip (default: --cliprange)")
+    g("--importance_sampling_level", default="token", choices=["token", "sequence"], help="sequence: GSPO's ratio")
+    g("--tis_cap", type=float, default=None, help="truncated importance sampling: min(pi_old / pi_sampler, this)")
+    g("--dynamic_sampling", action="store_true", help="DAPO: drop groups of equal scores, sample more to refill")
+    g("--dynamic_sampling_max_batches", type=int, default=4, help="extra generation batches per step at most")
+    g("--overlong_buffer_len", type=int, default=0, help="DAPO's soft overlong penalty over the last N tokens (0: off)")
+    g("--overlong_penalty_factor", type=float, default=1.0, help="its size at --max_answer_seq_len tokens")
     g("--cliprange_value", type=float, default=0.2, help="value clip around the rollout's values")
     g("--ppo_epochs", type=int, default=1, help="passes over each rollout (DeepSpeed-Chat: 1)")
     g("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
@@ -65,14 +74,14 @@ def parse_args(argv=None):
     g("--enable_ema", action="store_true", help="keep an EMA of the actor, saved as actor_ema/")
     # ---- batch sizes and schedule (the batch hierarchy above)
     g = p.add_argument_group("batch sizes and schedule").add_argument
-    g("--per_device_generation_batch_size", type=int, default=64, help="prompts per generation batch per rank")
+    g("--per_device_generation_batch_size", type=int, default=16, help="prompts per generation batch per rank")
     g("--generation_batches", type=int, default=1, help="generation batches per rollout")
-    g("--per_device_training_batch_size", type=int, default=32, help="sequences per micro-batch per rank")
+    g("--per_device_training_batch_size", type=int, default=16, help="sequences per micro-batch per rank")
     g("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g("--num_train_epochs", type=int, default=1, help="passes over the phase-3 prompts")
     g("--max_steps", type=int, default=0, help="stop after this many rollouts (0: --num_train_epochs)")
-    g("--actor_learning_rate", type=float, default=1e-4, help="actor peak learning rate")
-    g("--critic_learning_rate", type=float, default=1e-4, help="critic peak learning rate")
+    g("--actor_learning_rate", type=float, default=9.65e-6, help="actor peak learning rate")
+    g("--critic_learning_rate", type=float, default=5e-6, help="critic peak learning rate")
     g("--actor_weight_decay", type=float, default=0.0, help="actor AdamW weight decay")
     g("--critic_weight_decay", type=float, default=0.0, help="critic AdamW weight decay")
     g("--lr_scheduler_type", default="cosine", help="transformers scheduler: cosine, linear, constant, ...")
@@ -83,16 +92,24 @@ def parse_args(argv=None):
     g("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) whose phase-3 prompts are used")
     g("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
     g("--chat_template", action="store_true", help="the tokenizer's chat template (as in steps 1 and 2)")
+    g("--eos_token", default=None, help="the token that ends a response (default: the actor tokenizer's EOS)")
     g("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="tokenised cache")
     g("--max_prompt_seq_len", type=int, default=256, help="longer prompts are dropped")
-    g("--max_answer_seq_len", type=int, default=64, help="tokens generated at most per response")
+    g("--max_answer_seq_len", type=int, default=256, help="tokens generated at most per response")
     g("--unsupervised_dataset_name", default=None, help="PPO-ptx text: hub name, folder or a --data_path source")
     g("--unsupervised_dataset_config_name", default=None, help="its config name, e.g. wikitext-2-raw-v1")
     # ---- models and memory
     g = p.add_argument_group("models and memory").add_argument
     g("--actor", "--actor_model_name_or_path", dest="actor", required=True, help="step-1 output; also the reference")
-    g("--reward", "--reward_model_name_or_path", dest="reward", default=None, help="step-2 output (or --reward_fn)")
-    g("--critic", "--critic_model_name_or_path", dest="critic", default=None, help="critic init (--reward, or --actor)")
+    g(
+        "--reward",
+        "--reward_model_name_or_path",
+        "--critic_model_name_or_path",
+        dest="reward",
+        default=None,
+        help="step-2 output (or --reward_fn); DeepSpeed-Chat's --critic_model_name_or_path",
+    )
+    g("--critic", default=None, help="critic init (default: the reward model, else the actor)")
     g("--output_dir", required=True, help="actor/, critic/, metrics.json, generations, checkpoints/")
     g("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, else fp32")
     g("--actor_zero_stage", type=int, default=0, help="actor ZeRO stage 0-3 (the reference: 3 if 3, else 0)")
@@ -130,6 +147,7 @@ def parse_args(argv=None):
     g("--enable_tensorboard", action="store_true", help="the same as --report_to tensorboard (DeepSpeed-Chat's flag)")
     g("--tensorboard_path", default="step3_tensorboard", help="folder of the tensorboard and csv logs")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
+    common.add_compat_flags(p, 3)
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -137,24 +155,31 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
+    common.note_compat_flags(args)
+    args.max_steps = args.test_stop_step if args.enable_test_mode else args.max_steps  # DeepSpeed-Chat's CI mode
     common.check_zero_stage(args.actor_zero_stage, "--actor_zero_stage", args.offload)
     common.check_zero_stage(args.critic_zero_stage, "--critic_zero_stage", args.offload)
     args.dtype = common.check_dtype(args.dtype)
     common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
-        data.resolve_source(path)
+        sources.resolve_source(path)
     sizes = "per_device_generation_batch_size generation_batches n_samples_per_prompt per_device_training_batch_size"
     common.check_at_least_one(args, *sizes.split(), "gradient_accumulation_steps", "ppo_epochs", "max_answer_seq_len")
     common.check_at_least_one(args, "max_prompt_seq_len")
     rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
-    micro = args.per_device_training_batch_size * args.gradient_accumulation_steps
-    if rollout % micro:
+    if rollout % args.per_device_training_batch_size:
         what = f"--per_device_generation_batch_size x --generation_batches x --n_samples_per_prompt ({rollout})"
-        of = f"--per_device_training_batch_size x --gradient_accumulation_steps ({micro})"
-        raise UserError(f"{what} must be a multiple of {of}")
+        raise UserError(f"{what} must be a multiple of --per_device_training_batch_size")
+    micro_batches = args.ppo_epochs * rollout // args.per_device_training_batch_size  # per step; an update may span
+    if args.checkpoint_interval * micro_batches % args.gradient_accumulation_steps:  # steps (DeepSpeed-Chat's 1 GPU)
+        why = f"{micro_batches} micro-batches per step do not end a --gradient_accumulation_steps update"
+        raise UserError(f"--checkpoint_interval {args.checkpoint_interval}: {why}; checkpoints need whole updates")
     if args.advantage_estimator in GROUP and args.n_samples_per_prompt < 2:
         raise UserError(f"--advantage_estimator {args.advantage_estimator}: needs --n_samples_per_prompt 2 or more")
+    if args.dynamic_sampling and (args.advantage_estimator == "gae" or args.n_samples_per_prompt < 2):
+        why = "needs groups: a critic-free --advantage_estimator and --n_samples_per_prompt 2 or more"
+        raise UserError(f"--dynamic_sampling: {why} (a group of equal scores has no signal only then)")
     if (args.reward is None) == (args.reward_fn is None):
         raise UserError("--reward or --reward_fn: give exactly one (the reward model, or a function)")
     args.loss_agg_mode = args.loss_agg_mode or GROUP.get(args.advantage_estimator, "token-mean")
@@ -173,52 +198,20 @@ def check_args(args):
         raise UserError(f"--resume: no checkpoint in {os.path.join(args.output_dir, 'checkpoints')}")
     common.check_output_dir(args.output_dir)
     args.critic = (args.critic or args.reward or args.actor) if args.advantage_estimator == "gae" else None
-    models = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic}
-    for flag, path in ((f, p) for f, p in models.items() if p):
-        common.check_model_path(path, flag)
-    data.check_same_template(args.chat_template, {f: p for f, p in models.items() if p})
+    paths = {"--actor": args.actor, "--reward": args.reward, "--critic": args.critic}
+    for flag, path in ((f, p) for f, p in paths.items() if p):
+        models.check_model_path(path, flag)
+    for role, auto in (("actor", "AutoModelForCausalLM"), ("critic", "AutoModel")):  # before any weights load
+        name, flag = getattr(args, f"{role}_lora_module_name"), f"--{role}_lora_module_name"
+        if getattr(args, f"{role}_lora_dim") and getattr(args, role):
+            lora.check_module_name(getattr(args, role), name, flag, auto)
+    data.check_same_template(args.chat_template, {f: p for f, p in paths.items() if p})
     if args.reward_fn:
-        load_reward_fn(args.reward_fn, args.data_path)
-
-
-def load_reward_fn(spec, data_paths):
-    """--reward_fn: "checker" (the dataset's ground truth as 1.0 / 0.0) or "path/to/file.py:function", a function of
-    (prompts: list[str] instructions, responses: list[str] without EOS) -> list[float]."""
-    if spec == "checker":
-        if (check := data.checker_for(data_paths)) is None:
-            raise UserError(f"--reward_fn checker: --data_path {' '.join(data_paths)} has no ground-truth checker")
-        return lambda prompts, responses: [float(check(p, r)) for p, r in zip(prompts, responses)]
-    path, _, name = spec.rpartition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"--reward_fn {spec}: no such file {path!r} (expected checker or path/to/file.py:function)")
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("reward_fn", path))
-    module.__spec__.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
-    return getattr(module, name)
+        sources.reward_function(args.reward_fn, args.data_path)
 
 
 # ======================================================================================================================
 # ALGO LOGIC: the formulas (tensors in, tensors out; the tests import them), the trainer, and the loop in main().
-def logprobs_from_logits(logits, labels, temperature=1.0):
-    """log pi(label) under softmax(logits / temperature), in fp32: logits [B, T, V], labels [B, T] -> [B, T]."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits, temperature=1.0):
-    """Entropy of softmax(logits / temperature) at each position: [B, T, V] -> [B, T]."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def kl_from_logits(logits, ref_logits, temperature=1.0):
-    """Exact KL(pi || pi_ref) of the next-token distributions at each position (>= 0): [B, T, V] x 2 -> [B, T]."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
-
-
 def masked_mean(x, mask, dim=None):
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum() if dim is None else (x * mask).sum(dim) / mask.sum(dim)
@@ -237,7 +230,7 @@ def masked_whiten(x, mask, shift_mean=True, distributed=False):
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     if distributed and common.world_size() > 1:  # sums over every rank's entries
         sums = [(x * mask).sum().item(), (x * x * mask).sum().item(), mask.sum().item()]
-        total, sq, n = common.all_reduce_sum(sums, 0)
+        total, sq, n = common.all_reduce_sum(sums, x.device)
         mean, var = x.new_tensor(total / n), x.new_tensor((sq / n - (total / n) ** 2) * n / max(n - 1, 1))
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -276,7 +269,7 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1
     scores [B]; logprobs, ref_logprobs, mask [B, Tr] -> rewards [B, Tr], kl [B, Tr]."""
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
     rewards = -kl_coef * kl
-    last = common.last_token_index(mask)  # [B]: reads the mask, so right padding after the EOS is skipped
+    last = models.last_token_index(mask)  # [B]: reads the mask, so right padding after the EOS is skipped
     rewards[torch.arange(len(scores)), last] += scores
     return rewards * mask, kl
 
@@ -306,6 +299,26 @@ def group_advantages(rewards, k, estimator):
     return (centred / (r.std(1, keepdim=True) + 1e-6) if estimator == "grpo" else centred).flatten()
 
 
+def tis_weights(logprobs, sampler_logprobs, mask, cap):
+    """Truncated importance sampling (Yao et al. 2025; verl, OpenRLHF): min(pi_old / pi_sampler, cap) per token, when
+    the distribution that sampled (the hybrid engine's kernels, cached decoding, top-k/top-p) is not the trainer's
+    pi_old; computed in log space (never overflows), 1 off the mask. [B, Tr] x 3 -> [B, Tr]."""
+    return ((logprobs - sampler_logprobs) * mask).clamp(max=math.log(cap)).exp()
+
+
+def keep_groups(scores, k):
+    """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): False for the groups of k responses whose scores are all
+    equal (all right or all wrong: every advantage is 0, no signal). [B] -> [B // k] bool."""
+    r = scores.view(-1, k)
+    return (r != r[:, :1]).any(1)
+
+
+def overlong_penalty(lengths, max_len, buffer):
+    """DAPO's soft overlong punishment (Yu et al. 2025, sec. 3.4, eq. 13), a penalty in [-1, 0] instead of a cliff:
+    0 up to max_len - buffer tokens, then falling linearly to -1 at max_len. lengths [B] -> [B]."""
+    return ((max_len - buffer - lengths) / buffer).clamp(-1, 0)
+
+
 def advantages_and_returns(rewards, values, mask, args):
     """Advantages [B, Tr] of a whole rollout and the critic's returns. gae: GAE, whitened over the rollout (as N+ and
     OpenRLHF); reinforce_pp (Hu 2025): discounted returns of the per-token rewards, whitened over the global batch;
@@ -332,15 +345,21 @@ def aggregate(loss, mask, mode, max_len):
     return masked_mean(loss, mask)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, agg="token-mean", max_len=None):
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, agg="token-mean", max_len=None,
+                cliprange_high=None, level="token", weights=None):  # fmt: skip
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a loss to minimise: max(-A * ratio, -A * clip(ratio,
-    1 - eps, 1 + eps)) per token [B, Tr], averaged as `agg` says (aggregate).
+    1 - eps, 1 + eps_high)) per token [B, Tr], averaged as `agg` says (aggregate). eps_high = cliprange_high: DAPO's
+    clip-higher (Yu et al. 2025, sec. 3.1), room for unlikely tokens to rise. level "sequence": GSPO (Zheng et al.
+    2025, eq. 7), one ratio per response, exp(mean log-ratio over its tokens), clipped per sequence. weights [B, Tr]:
+    truncated importance sampling (TIS), min(pi_old / pi_sampler, C) per token, when the sampler is another function.
     Returns loss, clipfrac (share of tokens where the clip is active), approx_kl (0.5 * E[log-ratio^2])."""
     log_ratio = (logprobs - old_logprobs) * mask  # masked before exp(): a padded slot's exp() could be inf, inf * 0 NaN
+    if level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=1)[:, None] * mask  # [B] -> every token of its sequence
     ratio = log_ratio.exp()
     loss1 = -advantages * ratio
-    loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    loss = aggregate(torch.max(loss1, loss2), mask, agg, max_len)
+    loss2 = -advantages * ratio.clamp(1 - cliprange, 1 + (cliprange if cliprange_high is None else cliprange_high))
+    loss = aggregate(torch.max(loss1, loss2) * (1 if weights is None else weights), mask, agg, max_len)
     clipfrac = masked_mean((loss2 > loss1).float(), mask)
     return loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask)
 
@@ -391,25 +410,35 @@ class PPOTrainer:
     def logits(self, engine, seq, attn, query_len):
         """Logits that predict each response token: [B, Tq + Tr, V] -> [B, Tr, V]. Position t predicts token t + 1,
         so the logits for response tokens Tq .. Tq + Tr - 1 sit at positions Tq - 1 .. Tq + Tr - 2."""
-        pos = common.position_inputs(engine.module, attn)  # counted over real tokens: left padding changes nothing
+        pos = models.position_inputs(engine.module, attn)  # counted over real tokens: left padding changes nothing
         return engine(input_ids=seq, attention_mask=attn, use_cache=False, **pos).logits[:, query_len - 1 : -1]
 
     @torch.no_grad()
-    def sample(self, query, query_mask, greedy=False):
-        """Responses to left-padded queries [B, Tq]: response [B, Tr] (PAD after the first EOS) and its mask."""
+    def sample(self, query, query_mask, greedy=False, sampler_logprobs=False):
+        """Responses to left-padded queries [B, Tq]: response [B, Tr] (PAD after the first EOS) and its mask; with
+        sampler_logprobs also the log-probs of the sampled tokens under the distribution that drew them [B, Tr]."""
         a, e, tok = self.args, self.engine, self.tokenizer
         e.actor.eval()
         kw = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "do_sample": not greedy}
         if not greedy:
             kw.update(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
-        kw.update(self.generate_kwargs)
+        if sampler_logprobs:  # the sampling distribution at each step: after temperature, top-k and top-p
+            kw.update(return_dict_in_generate=True, output_scores=True)
+        # the hybrid engine under ZeRO-3 gathers layer by layer (--unpin_actor_parameters): a rank done early must
+        # keep forwarding until all are (DeepSpeed-Chat: synced_gpus=z3_enabled); the fallback generates gathered
+        kw.update(self.generate_kwargs, synced_gpus=e.hybrid and a.actor_zero_stage == 3 and common.world_size() > 1)
         with common.generation_model(e.actor, e.hybrid, a.actor_zero_stage == 3) as model:
             out = model.generate(query, attention_mask=query_mask, max_new_tokens=a.max_answer_seq_len, **kw)
-        response = out[:, query.shape[1] :]
+        e.actor.train()  # before scoring: the hybrid engine's eval mode runs inference kernels (their own positions,
+        # LoRA fused), and old log-probs must come from training's forward (DeepSpeed-Chat: eval, generate, train)
+        response = (out.sequences if sampler_logprobs else out)[:, query.shape[1] :]
         if response.shape[1] == 0:  # generate returned nothing new
             response = torch.full_like(query[:, :1], tok.eos_token_id)
         mask = response_mask(response, tok.eos_token_id)
-        return response.masked_fill(mask == 0, tok.pad_token_id), mask
+        if not sampler_logprobs:
+            return response.masked_fill(mask == 0, tok.pad_token_id), mask
+        logp = [F.log_softmax(s.float(), -1).gather(1, response[:, t, None])[:, 0] for t, s in enumerate(out.scores)]
+        return response.masked_fill(mask == 0, tok.pad_token_id), mask, torch.stack(logp, 1).masked_fill(mask == 0, 0)
 
     @torch.no_grad()
     def score(self, query, query_mask, response, mask, instructions, full_kl=False):
@@ -417,25 +446,26 @@ class PPOTrainer:
         the decoded answers and `instructions`); with full_kl the exact per-token KL to the reference [B, Tr]."""
         a, e, tok = self.args, self.engine, self.tokenizer
         seq, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)  # [B, Tq + Tr]
-        tq = query.shape[1]
-        logits, ref_logits = self.logits(e.actor, seq, attn, tq), self.logits(e.ref, seq, attn, tq)  # [B, Tr, V]
+        tq, out = query.shape[1], {}
+        logits = self.logits(e.actor, seq, attn, tq)  # [B, Tr, V]
+        out["logprobs"] = logprobs_from_logits(logits, response, a.temperature)
+        out["entropy"] = entropy_from_logits(logits, a.temperature)
+        ref_logits = self.logits(e.ref, seq, attn, tq)
+        out["ref_logprobs"] = logprobs_from_logits(ref_logits, response, a.temperature)
+        if full_kl:
+            out["kl"] = kl_from_logits(logits, ref_logits, a.temperature) * mask
+        del logits, ref_logits  # [B, Tq + Tr, V] each: gone before the critic's and the reward model's passes
         if e.critic is not None:
             e.critic.eval()
-        out = {
-            "logprobs": logprobs_from_logits(logits, response, a.temperature),
-            "ref_logprobs": logprobs_from_logits(ref_logits, response, a.temperature),
-            "entropy": entropy_from_logits(logits, a.temperature),
-            "values": e.critic(seq, attn)[:, tq - 1 : -1] * mask if e.critic else torch.zeros_like(logits[..., 0]),
-        }  # values: V(state before each response token)
+        values = e.critic(seq, attn)[:, tq - 1 : -1] * mask if e.critic else torch.zeros_like(out["logprobs"])
+        out["values"] = values  # V(state before each response token)
         if e.reward is not None:
-            out["scores"] = common.end_scores(e.reward(seq, attn), attn)  # read at the last real token: the EOS
+            out["scores"] = models.end_scores(e.reward(seq, attn), attn)  # read at the last real token: the EOS
         else:
             answers = [
                 tok.decode(data.cut_at_eos(r, tok.eos_token_id), skip_special_tokens=True) for r in response.tolist()
             ]
             out["scores"] = torch.tensor(e.reward_fn(instructions, answers), dtype=torch.float, device=self.device)
-        if full_kl:
-            out["kl"] = kl_from_logits(logits, ref_logits, a.temperature) * mask
         return out
 
     @torch.no_grad()
@@ -446,14 +476,18 @@ class PPOTrainer:
         repeat = lambda key: prompt_batch[key].repeat_interleave(k, 0).to(self.device)  # a group: k adjacent rows
         query, query_mask = repeat("input_ids"), repeat("attention_mask")
         t0 = time.time()
-        response, mask = self.sample(query, query_mask)
+        response, mask, *sampler = self.sample(query, query_mask, sampler_logprobs=a.tis_cap is not None)
         gen_seconds = time.time() - t0
         s = self.score(query, query_mask, response, mask, [p for p in prompt_batch["instructions"] for _ in range(k)])
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)  # [B]
         stats = self.engine.reward_stats if a.normalize_reward else None
         scores = shape_scores(s["scores"], has_eos, stats, a.clip_reward_value, a.missing_eos_penalty)
+        if a.overlong_buffer_len:  # DAPO's soft length penalty, on top of the shaped score
+            length = overlong_penalty(mask.sum(1), a.max_answer_seq_len, a.overlong_buffer_len)
+            scores = scores + a.overlong_penalty_factor * length
         rewards, kl = compute_rewards(scores, s["logprobs"], s["ref_logprobs"], mask, self.kl_coef, a.kl_estimator)
         exp = {"query": query, "query_mask": query_mask, "response": response, "mask": mask, "rewards": rewards}
+        exp.update({"sampler_logprobs": sampler[0]} if sampler else {})
         exp.update({k: s[k] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")})
         return {**exp, "kl": kl.sum(1), "has_eos": has_eos, "gen_seconds": gen_seconds}
 
@@ -466,7 +500,9 @@ class PPOTrainer:
         logits, agg = self.logits(e.actor, seq, attn, tq), (a.loss_agg_mode, a.max_answer_seq_len)
         logprobs = logprobs_from_logits(logits, exp["response"], a.temperature)
         old = (exp["logprobs"], exp["advantages"], mask, a.cliprange)  # the rollout's log-probs and advantages
-        actor_loss, clipfrac, approx_kl = policy_loss(logprobs, *old, *agg)
+        weights = None if a.tis_cap is None else tis_weights(exp["logprobs"], exp["sampler_logprobs"], mask, a.tis_cap)
+        knobs = dict(cliprange_high=a.cliprange_high, level=a.importance_sampling_level, weights=weights)
+        actor_loss, clipfrac, approx_kl = policy_loss(logprobs, *old, *agg, **knobs)
         loss, m = actor_loss, {}
         if a.kl_loss_coef:  # GRPO's KL term: in the loss, estimated per token by --kl_estimator (k3 in the paper)
             kl_loss = aggregate(kl_penalty(logprobs, exp["ref_logprobs"], a.kl_estimator), mask, *agg)
@@ -496,12 +532,12 @@ class PPOTrainer:
 def main(argv=None):
     args = parse_args(argv)
     device = common.init_distributed(args.seed)
-    tokenizer = common.load_tokenizer(args.actor, "--actor")
+    tokenizer = models.load_tokenizer(args.actor, "--actor", args.chat_template, args.eos_token, args.add_eot_token)
 
     # ---- data: phase-3 prompts of every --data_path (+ PPO-ptx text), before the models load
     train, held_out = data.build_prompts(args, tokenizer)  # {"ids", "texts", "references", "instructions"}
     ptx = data.build_ptx(args, tokenizer) if args.unsupervised_dataset_name else None
-    eval_set = (held_out, data.checker_for(args.data_path))
+    eval_set = (held_out, sources.checker_for(args.data_path))
     out = lambda name: os.path.join(args.output_dir, name)
     pad, checkpoints = tokenizer.pad_token_id, out("checkpoints")
 
@@ -509,23 +545,24 @@ def main(argv=None):
     world, gen_bs, k = common.world_size(), args.per_device_generation_batch_size, args.n_samples_per_prompt
     micro, prompts = args.per_device_training_batch_size, gen_bs * args.generation_batches  # prompts per rank per step
     rollout = prompts * k  # sequences per rank per step
-    updates_per_step = args.ppo_epochs * (rollout // micro) // args.gradient_accumulation_steps
+    micro_batches, accum = args.ppo_epochs * rollout // micro, args.gradient_accumulation_steps  # per step
     steps_per_epoch = len(train["ids"]) // (prompts * world)
     if steps_per_epoch == 0:
         raise UserError(f"--data_path: {len(train['ids'])} phase-3 prompts; one rollout needs {prompts * world}")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
     reward = args.reward or f"--reward_fn {args.reward_fn}"
-    models = "4 models" if args.critic else f"{2 + bool(args.reward)} models (critic-free)"
+    n_models = f"{2 + bool(args.critic) + bool(args.reward)} models" + ("" if args.critic else " (critic-free)")
     print_rank0(
-        f"ppo: {args.advantage_estimator}, {models}; actor {args.actor}, critic {args.critic}, reward {reward}; "
+        f"ppo: {args.advantage_estimator}, {n_models}; actor {args.actor}, critic {args.critic}, reward {reward}; "
         f"{len(train['ids'])} train / {len(held_out['ids'])} eval prompts; rollout {gen_bs} x {args.generation_batches}"
         f" prompts x {k} samples per rank x {world} ranks = {rollout * world} sequences; micro-batch {micro} x accum "
-        f"{args.gradient_accumulation_steps}; {args.ppo_epochs} PPO epochs = {updates_per_step} updates per step; "
+        f"{accum}; {args.ppo_epochs} PPO epochs = {micro_batches / accum:g} updates per step; "
         f"{total_steps} steps; zero actor {args.actor_zero_stage} / critic {args.critic_zero_stage}; {args.dtype}"
     )
 
     # ---- models: four engines; resume or evaluate the starting (SFT) policy
-    engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, total_steps * updates_per_step, device)
+    updates = total_steps * micro_batches // accum  # optimizer steps (the schedule's length)
+    engine = RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, updates, device)
     trainer, engines = PPOTrainer(engine, args), {"actor": engine.actor, "critic": engine.critic}
     engines = {tag: e for tag, e in engines.items() if e is not None}
     log = common.CSVLog(out("log.csv"), append=args.resume, engine=engine.actor, group="ppo")
@@ -549,17 +586,20 @@ def main(argv=None):
         order = torch.randperm(len(train["ids"]), generator=torch.Generator().manual_seed(args.seed + epoch))
         mine = order[within * prompts * world : (within + 1) * prompts * world][common.rank() :: world].tolist()
         chunks = [mine[g * gen_bs : (g + 1) * gen_bs] for g in range(args.generation_batches)]
-        exps = [trainer.generate_experience(prompt_batch(train, chunk, pad)) for chunk in chunks]
+        exps, m = [trainer.generate_experience(data.prompt_batch(train, chunk, pad)) for chunk in chunks], {}
+        if args.dynamic_sampling:  # DAPO: groups of equal scores out, groups of fresh prompts in, as many sequences
+            exps, m = refill_groups(trainer, exps, train, step)
         gen_seconds = sum(x["gen_seconds"] for x in exps)  # sampling only; scoring counts as neither
         exp = merge_experiences(exps, pad)  # the whole rollout: [rollout, ...]
         exp["advantages"], exp["returns"] = advantages_and_returns(exp["rewards"], exp["values"], exp["mask"], args)
         t1 = time.time()
-        stats = []
+        stats, ptx_rng = [], common.rank_generator(args.seed, step)
         for _ in range(args.ppo_epochs):
             for idx in torch.randperm(rollout).view(-1, micro):  # micro-batches in a fresh random order each epoch
-                ptx_batch = None if ptx is None else ptx[torch.randint(len(ptx), (micro,))].to(device)
+                ptx_idx = None if ptx is None else torch.randint(len(ptx), (micro,), generator=ptx_rng)  # per rank
+                ptx_batch = None if ptx is None else ptx[ptx_idx].to(device)
                 stats.append(trainer.train_rlhf({k: v[idx] for k, v in exp.items()}, ptx_batch))
-        m = {"reward": exp["scores"].mean().item(), "kl": exp["kl"].mean().item(), "kl_coef": trainer.kl_coef}
+        m.update(reward=exp["scores"].mean().item(), kl=exp["kl"].mean().item(), kl_coef=trainer.kl_coef)
         m.update(entropy=masked_mean(exp["entropy"], exp["mask"]).item(), skipped=trainer.skipped)
         m.update(response_length=exp["mask"].sum(1).float().mean().item())
         m.update(eos_rate=exp["has_eos"].float().mean().item())
@@ -591,7 +631,7 @@ def main(argv=None):
         ema = engine.ema.state_dict(engine.actor.module)
         common.save_hf(engine.actor.module, tokenizer, out("actor_ema"), saved_args, ema, gathered=True)
     if engine.critic is not None:
-        common.save_reward_model(engine.critic.module, tokenizer, out("critic"), saved_args)
+        models.save_reward_model(engine.critic.module, tokenizer, out("critic"), saved_args)
     common.write_json(out("args.json"), saved_args["args.json"])
     common.write_json(out("metrics.json"), metrics)
     print_rank0(f"saved {args.output_dir}")
@@ -599,10 +639,31 @@ def main(argv=None):
 
 # ======================================================================================================================
 # Plumbing: per-step metrics and printing, the four engines, evaluation, outputs.
-def prompt_batch(prompts, idx, pad_id):
-    """Prompts idx of a build_prompts split: token ids left-padded for generation, and their instructions."""
-    batch = data.collate_prompts([prompts["ids"][i] for i in idx], pad_id)
-    return {**batch, "instructions": [prompts["instructions"][i] for i in idx]}
+def refill_groups(trainer, exps, prompts, step):
+    """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2) over a rollout's generation batches: the groups keep_groups
+    drops are replaced by groups of fresh prompts (drawn at random, another stream on each rank) until the rollout is
+    full again, after at most --dynamic_sampling_max_batches extra generation batches (dropped groups then fill what is
+    left: the optimizer always sees as many sequences). Every rank samples while any rank is short: ZeRO-3 ranks
+    generate together. Returns the batches and {"dropped_groups", "extra_batches"}."""
+    a, k, need = trainer.args, trainer.args.n_samples_per_prompt, sum(len(x["scores"]) for x in exps)
+    rng, kept, spare, m = common.rank_generator(a.seed + 1, step), [], [], {"dropped_groups": 0, "extra_batches": 0}
+    rows = lambda x, keep: {key: v[keep] if torch.is_tensor(v) else v for key, v in x.items()}
+    while True:
+        for x in exps:
+            keep = keep_groups(x["scores"], k).repeat_interleave(k)
+            kept, spare = kept + [rows(x, keep)], spare + [{**rows(x, ~keep), "gen_seconds": 0.0}]
+            m["dropped_groups"] += int((~keep).sum()) // k
+        short = common.all_reduce_sum([float(sum(len(x["scores"]) for x in kept) < need)], trainer.device)[0]
+        if not short or m["extra_batches"] == a.dynamic_sampling_max_batches:
+            break
+        idx = torch.randint(len(prompts["ids"]), (a.per_device_generation_batch_size,), generator=rng).tolist()
+        exps = [trainer.generate_experience(data.prompt_batch(prompts, idx, trainer.tokenizer.pad_token_id))]
+        m["extra_batches"] += 1
+    out, n = [], 0
+    for x in kept + spare:  # whole groups (every batch holds whole groups), as many sequences as before
+        take = min(len(x["scores"]), need - n)
+        out, n = out + ([rows(x, slice(0, take))] if take else []), n + take
+    return out, m
 
 
 def log_step(step, total_steps, m, log, engine, trainer, exp=None):
@@ -612,7 +673,7 @@ def log_step(step, total_steps, m, log, engine, trainer, exp=None):
     shown = [("reward", "reward", ".3f"), ("kl", "kl", ".3f"), ("ent", "entropy", ".3f")]  # (name, key, format)
     shown += [("len", "response_length", ".1f"), ("eos", "eos_rate", ".2f"), ("clipfrac", "clipfrac", ".3f")]
     shown += [("approx_kl", "approx_kl", ".4f"), ("vf_loss", "critic_loss", ".4f"), ("vf_clip", "vf_clipfrac", ".3f")]
-    shown += [("ev", "explained_var", ".3f")]
+    shown += [("ev", "explained_var", ".3f"), ("dropped", "dropped_groups", ".0f"), ("extra", "extra_batches", ".0f")]
     line = " | ".join(f"{name} {m[key]:{fmt}}" for name, key, fmt in shown if key in m)  # no critic: no vf_ figures
     times = f"gen {m['gen_seconds']:.1f}s train {m['train_seconds']:.1f}s | {m['samples_per_s']:.1f} samples/s"
     print_rank0(f"step {step}/{total_steps} | {line} | {times}{skipped}")
@@ -641,22 +702,24 @@ class RLHFEngine:
             cfg["hybrid_engine"] = he
         quant = {r: (a.bnb_4bit_quant_type, a.dtype) if getattr(a, f"{r}_load_in_4bit") else None for r in ROLES}
         kw = dict(dropout=a.actor_dropout, zero_stage=a.actor_zero_stage, ds_cfg=cfg, quant=quant["actor"])
-        model = common.load_model(actor, tokenizer, **kw)
+        model = models.load_model(actor, tokenizer, **kw)
         self.actor = self._trained(model, model, cfg, total_updates, "actor")
         if self.hybrid:
             self.hybrid = common.probe_hybrid_engine(self.actor, tokenizer, self.device)
-        ref = common.load_model(actor, tokenizer, dropout=0.0, quant=quant["ref"])  # a frozen copy of the actor
-        self.ref = self._frozen(ref, a.actor_zero_stage, a.offload_reference_model)
+        stage, cfg = self._frozen_cfg(a.actor_zero_stage, a.offload_reference_model, quant["ref"])  # the actor, frozen
+        ref = models.load_model(actor, tokenizer, dropout=0.0, zero_stage=stage, ds_cfg=cfg, quant=quant["ref"])
+        self.ref = self._frozen(ref, cfg)
         self.critic = self.reward = self.reward_stats = None  # critic-free estimators have no critic
         if critic:
             cfg = self._train_cfg(a.critic_zero_stage, monitors=False)
             kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"])
-            model, _ = common.load_reward_model(critic, tokenizer, a.critic_dropout, **kw)
+            model, _ = models.load_reward_model(critic, tokenizer, a.critic_dropout, **kw)
             self.critic = self._trained(model, model.backbone, cfg, total_updates, "critic")
         if reward:  # else --reward_fn scores the answers
-            reward_model, self.reward_stats = common.load_reward_model(reward, tokenizer, 0.0, quant=quant["reward"])
-            self.reward = self._frozen(reward_model, a.critic_zero_stage, a.offload_reward_model)
-        self.reward_fn = load_reward_fn(a.reward_fn, a.data_path) if a.reward_fn else None
+            stage, cfg = self._frozen_cfg(a.critic_zero_stage, a.offload_reward_model, quant["reward"])
+            model, self.reward_stats = models.load_reward_model(reward, tokenizer, 0.0, stage, cfg, quant["reward"])
+            self.reward = self._frozen(model, cfg)
+        self.reward_fn = sources.reward_function(a.reward_fn, a.data_path) if a.reward_fn else None
         self.ema = common.EMA(self.actor.module) if a.enable_ema else None
 
     def _train_cfg(self, stage, monitors=True):  # the actor's engine logs (--report_to) for the whole step
@@ -682,12 +745,13 @@ class RLHFEngine:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
         return engine
 
-    def _frozen(self, model, trained_stage, offload):
+    def _frozen_cfg(self, trained_stage, offload, quant):  # ZeRO-3 when its twin is or when offloaded; 4 bits: 0
+        stage, a = 3 if (trained_stage == 3 or offload) and not quant else 0, self.args
+        return stage, common.ds_config(stage, a.dtype, a.per_device_training_batch_size, offload=offload, train=False)
+
+    def _frozen(self, model, cfg):  # loaded with cfg: ZeRO-3 shards it as it loads, never whole on one rank
         import deepspeed
 
-        packed, a = any(qlora.is_4bit(m) for m in model.modules()), self.args  # 4-bit weights stay whole: ZeRO-0
-        stage = 3 if (trained_stage == 3 or offload) and not packed else 0
-        cfg = common.ds_config(stage, a.dtype, a.per_device_training_batch_size, offload=offload, train=False)
         engine, *_ = deepspeed.initialize(model=model.requires_grad_(False), config=cfg)
         engine.eval()
         return engine
@@ -703,17 +767,17 @@ def evaluate(trainer, held_out, checker):
     judge = checker is not None and trainer.engine.reward is not None
     sums, records = dict.fromkeys(["reward", "kl", "response_length", "eos_rate", "accuracy", "hacked", "n"], 0.0), []
     for idx in data.rank_batches(len(prompts), a.per_device_generation_batch_size):
-        batch = prompt_batch(held_out, idx or [0], tok.pad_token_id)  # a rank with none left runs a dummy prompt
+        batch = data.prompt_batch(held_out, idx or [0], tok.pad_token_id)  # a rank with none left runs a dummy prompt
         query, query_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         response, mask = trainer.sample(query, query_mask, greedy=True)
         s = trainer.score(query, query_mask, response, mask, batch["instructions"], full_kl=True)
         has_eos = ((response == tok.eos_token_id) & (mask == 1)).any(1)
         if judge:  # prompt + reference answer + EOS, right-padded; scored at the last real token like any answer
-            limit = [len(prompts[i]) + a.max_answer_seq_len for i in idx or [0]]
-            ids = [data.encode_pair(tok, texts[i], references[i], n)["input_ids"] for i, n in zip(idx or [0], limit)]
-            ref_ids, ref_mask = data.pad(ids, tok.pad_token_id).to(dev), data.pad([[1] * len(x) for x in ids], 0)
-            ref_mask = ref_mask.to(dev)
-            ref_scores = common.end_scores(trainer.engine.reward(ref_ids, ref_mask), ref_mask)
+            answer = lambda i: data.encode_response(tok, prompts[i], texts[i], references[i])[: a.max_answer_seq_len]
+            ids = [prompts[i] + answer(i) for i in idx or [0]]
+            ref = data.collate_sft([{"input_ids": x, "labels": x} for x in ids], tok.pad_token_id)  # right-padded
+            ref_ids, ref_mask = ref["input_ids"].to(dev), ref["attention_mask"].to(dev)
+            ref_scores = models.end_scores(trainer.engine.reward(ref_ids, ref_mask), ref_mask)
         for j, i in enumerate(idx):
             text = tok.decode(data.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
             rec = {"prompt": texts[i], "response": text, "score": s["scores"][j].item(), "kl": s["kl"][j].sum().item()}

@@ -1,9 +1,10 @@
-"""Step 2: a reward model, LM backbone + scalar head (common.RewardModel), trained on chosen/rejected pairs with the
+"""Step 2: a reward model, LM backbone + scalar head (models.RewardModel), trained on chosen/rejected pairs with the
 Bradley-Terry loss of InstructGPT. A sequence's score is the head's value at its last real token, the EOS after
-prompt + response (common.end_scores); step 3 reads rewards the same way and starts its critic from this model.
+prompt + response (models.end_scores); step 3 reads rewards the same way and starts its critic from this model.
 
-    # tiny CPU smoke run on the built-in demo, from the step-1 output
-    python reward.py --model_name_or_path output/step1_sft --data_path builtin:sort --output_dir output/step2_reward
+    # the built-in demo on CPU, from the step-1 output, at its recipe (builtin.DEMO_RECIPE)
+    python reward.py --model_name_or_path output/step1_sft --learning_rate 1e-3 --num_train_epochs 2 \\
+        --per_device_train_batch_size 16 --per_device_eval_batch_size 32 --output_dir output/step2_reward
     # 1 GPU
     deepspeed --num_gpus 1 reward.py --model_name_or_path facebook/opt-350m --data_path Dahoas/rm-static \\
         --learning_rate 5e-5 --per_device_train_batch_size 8 --dtype bf16 --zero_stage 2 --output_dir out/reward
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 import common
 import data
 import lora
-from common import end_scores, load_reward_model, print_rank0, save_reward_model
+import models
+import sources
+from common import print_rank0
+from models import end_scores, load_reward_model, save_reward_model
 
 
 def parse_args(argv=None):
@@ -36,12 +40,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Step 2: reward model", formatter_class=fmt)
     # ---- training
     g = p.add_argument_group("training").add_argument
-    g("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    g("--learning_rate", type=float, default=9.65e-6, help="peak learning rate")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
-    g("--num_train_epochs", type=int, default=2, help="passes over the phase-2 pairs")
+    g("--num_train_epochs", type=int, default=1, help="passes over the phase-2 pairs")
     g("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
-    g("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch per rank")
-    g("--per_device_eval_batch_size", type=int, default=32, help="pairs per eval micro-batch per rank")
+    g("--per_device_train_batch_size", type=int, default=8, help="pairs per micro-batch per rank")
+    g("--per_device_eval_batch_size", type=int, default=16, help="pairs per eval micro-batch per rank")
     g("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g("--lr_scheduler_type", default="cosine", help="transformers scheduler: linear, cosine, constant, ...")
     g("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
@@ -51,6 +55,7 @@ def parse_args(argv=None):
     g("--data_path", nargs="+", default=["builtin:sort"], help="dataset(s) with chosen/rejected pairs to blend")
     g("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
     g("--chat_template", action="store_true", help="the tokenizer's chat template (use the same in all steps)")
+    g("--eos_token", default=None, help="the token that ends a response, where the score is read (default: EOS)")
     g("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="tokenised cache")
     g("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
     # ---- model and memory
@@ -68,7 +73,6 @@ def parse_args(argv=None):
     g("--lora_learning_rate", type=float, default=5e-4, help="learning rate of the LoRA weights")
     g("--load_in_4bit", action="store_true", help="QLoRA: frozen base weights in 4 bits (bitsandbytes); needs LoRA")
     g("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type of --load_in_4bit")
-    g("--num_padding_at_beginning", type=int, default=None, help="DeepSpeed-Chat's; ignored (the mask finds the end)")
     # ---- evaluation and logging
     g = p.add_argument_group("evaluation and logging").add_argument
     g("--eval_interval", type=int, default=0, help="evaluate every N optimizer steps (0: start and end only)")
@@ -78,6 +82,7 @@ def parse_args(argv=None):
     g("--tensorboard_path", default="step2_tensorboard", help="folder of the tensorboard and csv logs")
     g("--print_loss", action="store_true", help="print the loss at every step")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
+    common.add_compat_flags(p, 2)
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -85,17 +90,18 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
+    common.note_compat_flags(args)
     common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
     common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path:
-        data.resolve_source(path)
+        sources.resolve_source(path)
     sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len")
     common.check_at_least_one(args, *sizes)
-    lora.check_flags(args)
     common.check_output_dir(args.output_dir)
-    common.check_model_path(args.model_name_or_path)
+    models.check_model_path(args.model_name_or_path)
+    lora.check_flags(args, auto_class="AutoModel")
     data.check_same_template(args.chat_template, {"--model_name_or_path": args.model_name_or_path})
 
 
@@ -114,30 +120,34 @@ def build_data(args, tokenizer):
     """Tokenised phase-2 pairs; for a source that classifies its rejected answers (builtin:sort), each pair's kind of
     error too, for per-kind accuracy."""
     chat = tokenizer if args.chat_template else None
-    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need_pairs=True, chat_tokenizer=chat)
-    kind = data.error_kind_for(args.data_path)
+    rows = data.phase_rows(args.data_path, args.split, 2, args.seed, need="pairs", chat_tokenizer=chat)
+    kind = sources.error_kind_for(args.data_path)
 
-    def encode(r):
-        ids = {f"{k}_ids": data.encode_pair(tokenizer, r["prompt"], r[k], args.max_seq_len)["input_ids"] for k in KEYS}
-        return {**ids, "kind": kind(r["prompt"], r["chosen"], r["rejected"])} if kind else ids
+    def encode(r):  # None: the pair does not fit (data.encode_row)
+        if (enc := data.encode_row(tokenizer, r["prompt"], [r[k] for k in KEYS], args.max_seq_len)) is None:
+            return None
+        ids = {f"{k}_ids": e["input_ids"] for k, e in zip(KEYS, enc[0])}
+        return {**ids, "cut": enc[1], **({"kind": kind(r["prompt"], r["chosen"], r["rejected"])} if kind else {})}
 
     cache = (tokenizer, args.data_output_path, encode)
     return data.build_cached("pairs", rows, *cache, max_seq_len=args.max_seq_len, kinds=bool(kind))
 
 
 @torch.no_grad()
-def evaluate(engine, loader, args, device, kinds=()):
+def evaluate(engine, batches, args, device, kinds=()):
     """Pairwise accuracy (ties count as wrong), mean chosen/rejected scores and margin, chosen-score mean/std; with
     `kinds` (the eval set's kinds of rejected answer) pairwise accuracy per kind as eval_accuracy_<kind>."""
     engine.eval()
     sums = dict.fromkeys(["correct", "pairs", "chosen", "rejected", "chosen_sq", "loss"], 0.0)
     for kind in kinds:
         sums[f"correct_{kind}"] = sums[f"pairs_{kind}"] = 0.0
-    for i, batch in enumerate(loader):
+    for i, (batch, rows) in enumerate(batches()):
         if args.eval_iters and i >= args.eval_iters:
             break
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         chosen, rejected = end_scores(engine(ids, mask), mask).chunk(2)  # chosen rows first: [B], [B]
+        if rows == 0:  # a dummy batch (ZeRO-3 ranks forward together): not counted
+            continue
         sums["correct"] += (chosen > rejected).sum().item()
         sums["pairs"] += chosen.numel()
         sums["chosen"] += chosen.sum().item()
@@ -158,15 +168,14 @@ def evaluate(engine, loader, args, device, kinds=()):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_padding_at_beginning is not None:
-        print_rank0("note: --num_padding_at_beginning is ignored; scores are read at the last real token")
     device = common.init_distributed(args.seed)
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import get_scheduler
 
-    tokenizer = common.load_tokenizer(args.model_name_or_path)
-    args.max_seq_len = common.cap_seq_len(args.model_name_or_path, args.max_seq_len)
+    name, eos = args.model_name_or_path, (args.eos_token, args.add_eot_token)
+    tokenizer = models.load_tokenizer(name, "--model_name_or_path", args.chat_template, *eos)
+    args.max_seq_len = models.cap_seq_len(args.model_name_or_path, args.max_seq_len)
 
     # ---- data: phase-2 pairs of every --data_path, before the model loads
     sets = build_data(args, tokenizer)
@@ -175,8 +184,7 @@ def main(argv=None):
     kinds = sorted(set(eval_set["kind"])) if "kind" in eval_set.column_names else []
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, args.per_device_train_batch_size, sampler=sampler, collate_fn=collate)
-    eval_sampler = DistributedSampler(eval_set, shuffle=False)
-    eval_loader = DataLoader(eval_set, args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=collate)
+    eval_batches = lambda: data.eval_batches(eval_set, args.per_device_eval_batch_size, collate)
 
     # ---- batch hierarchy: pairs per micro-batch per rank x accumulation x ranks = pairs per optimizer step
     world, micro, accum = common.world_size(), args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -205,8 +213,9 @@ def main(argv=None):
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
 
     # ---- loop
-    start = evaluate(engine, eval_loader, args, device, kinds)
-    metrics = {f"{k}_start": v for k, v in start.items() if not k.startswith("score_")}
+    start = {k: v for k, v in evaluate(engine, eval_batches, args, device, kinds).items() if not k.startswith("score_")}
+    metrics = {f"{k}_start": v for k, v in start.items()}
+    log.write(0, start)
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
     step, epoch, t0, seen, correct, skipped = 0, 0, time.time(), 0, [], 0
@@ -236,15 +245,16 @@ def main(argv=None):
                 log.write(step, {"loss": loss.item(), "train_accuracy": acc, "lr": lr, "skipped": skipped})
                 correct = []
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                mid = evaluate(engine, eval_loader, args, device, kinds)
+                mid = evaluate(engine, eval_batches, args, device, kinds)
                 log.write(step, mid)
                 print_rank0(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mid.items()))
             if step >= total_steps:
                 break
         epoch += 1
     metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
-    end = evaluate(engine, eval_loader, args, device, kinds)
+    end = evaluate(engine, eval_batches, args, device, kinds)
     metrics.update(end)
+    log.write(total_steps, end)
     print_rank0(
         "eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s"
     )

@@ -3,8 +3,10 @@
 The loss is next-token cross-entropy on response tokens only (prompt and padding are labelled -100);
 every response ends with the tokenizer's EOS, so the model learns to stop.
 
-    # tiny CPU smoke run on the built-in demo (about 2 minutes on 2 cores)
-    python sft.py --model_name_or_path tiny:gpt2 --data_path builtin:sort --output_dir output/step1_sft
+    # the built-in demo on CPU (about 2 minutes on 2 cores), at its recipe (builtin.DEMO_RECIPE; the defaults are for
+    # real pretrained models)
+    python sft.py --model_name_or_path tiny:gpt2 --learning_rate 1e-3 --num_train_epochs 8 \
+        --per_device_train_batch_size 32 --output_dir output/step1_sft
     # 1 GPU
     deepspeed --num_gpus 1 sft.py --model_name_or_path facebook/opt-1.3b --data_path Dahoas/rm-static \
         --learning_rate 9.65e-6 --per_device_train_batch_size 8 --dtype bf16 --zero_stage 2 --output_dir out/sft
@@ -12,7 +14,7 @@ every response ends with the tokenizer's EOS, so the model learns to stop.
     deepspeed --num_gpus 8 sft.py --model_name_or_path facebook/opt-13b --data_path Dahoas/rm-static \
         --learning_rate 1e-4 --lora_dim 128 --dtype bf16 --zero_stage 3 --output_dir out/sft
 
-Outputs in --output_dir: a Hugging Face model folder, args.json, metrics.json.
+Outputs in --output_dir: a Hugging Face model folder, args.json, metrics.json, log.csv.
 """
 
 import argparse
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 import common
 import data
 import lora
+import models
+import sources
 from common import print_rank0
 
 
@@ -34,11 +38,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Step 1: supervised fine-tuning", formatter_class=fmt)
     # ---- training
     g = p.add_argument_group("training").add_argument
-    g("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    g("--learning_rate", type=float, default=9.65e-6, help="peak learning rate")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
-    g("--num_train_epochs", type=int, default=8, help="passes over the phase-1 training data")
+    g("--num_train_epochs", type=int, default=1, help="passes over the phase-1 training data")
     g("--max_steps", type=int, default=0, help="optimizer steps; overrides --num_train_epochs when > 0")
-    g("--per_device_train_batch_size", type=int, default=32, help="micro-batch per rank")
+    g("--per_device_train_batch_size", type=int, default=8, help="micro-batch per rank")
     g("--per_device_eval_batch_size", type=int, default=16, help="eval micro-batch per rank")
     g("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g("--lr_scheduler_type", default="cosine", help="transformers scheduler: linear, cosine, constant, ...")
@@ -56,6 +60,7 @@ def parse_args(argv=None):
     g("--data_split", default="2,4,4", help="proportions of each dataset for steps 1,2,3")
     g("--sft_only_data_path", nargs="*", default=[], help="datasets used in step 1 only (all of their rows)")
     g("--chat_template", action="store_true", help="the tokenizer's chat template (use the same in all steps)")
+    g("--eos_token", default=None, help="the token that ends a response (default: the tokenizer's EOS)")
     g("--data_output_path", default=os.path.join(common.tiny_cache_dir(), "data"), help="tokenised cache")
     g("--max_seq_len", type=int, default=512, help="prompt + response tokens (capped at the model's positions)")
     # ---- model and memory
@@ -82,6 +87,7 @@ def parse_args(argv=None):
     g("--tensorboard_path", default="step1_tensorboard", help="folder of the tensorboard and csv logs")
     g("--print_loss", action="store_true", help="print the loss at every step")
     g("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (LOCAL_RANK is read instead)")
+    common.add_compat_flags(p, 1)
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -89,18 +95,19 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Everything that can be wrong with the arguments, found before any model or data is loaded."""
+    common.note_compat_flags(args)
     common.check_zero_stage(args.zero_stage, offload=args.offload)
     args.dtype = common.check_dtype(args.dtype)
     common.check_report_to(args)
     args.split = data.parse_split(args.data_split)
     for path in args.data_path + args.sft_only_data_path:
-        data.resolve_source(path)
+        sources.resolve_source(path)
     common.check_at_least_one(
         args, "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_seq_len"
     )
-    lora.check_flags(args)
     common.check_output_dir(args.output_dir)
-    common.check_model_path(args.model_name_or_path)
+    models.check_model_path(args.model_name_or_path)
+    lora.check_flags(args)
 
 
 # ======================================================================================================================
@@ -118,8 +125,11 @@ def build_data(args, tokenizer):
     rows = data.phase_rows(args.data_path, args.split, 1, args.seed, chat_tokenizer=chat)
     for path in args.sft_only_data_path:
         rows["train"] += data.phase_rows([path], [1, 0, 0], 1, args.seed, chat_tokenizer=chat)["train"]
-    pair = lambda r: data.encode_pair(tokenizer, r["prompt"], r["response"], args.max_seq_len, args.train_on_prompt)
-    encode = lambda r: {**pair(r), "prompt": r["prompt"]}
+
+    def encode(r):  # None: the row does not fit (data.encode_row)
+        enc = data.encode_row(tokenizer, r["prompt"], [r["response"]], args.max_seq_len, args.train_on_prompt)
+        return enc and {**enc[0][0], "prompt": r["prompt"], "cut": enc[1]}
+
     lengths = {"max_seq_len": args.max_seq_len, "train_on_prompt": args.train_on_prompt}
     return data.build_cached("sft", rows, tokenizer, args.data_output_path, encode, **lengths)
 
@@ -140,20 +150,20 @@ def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, devic
 
 
 @torch.no_grad()
-def evaluate(engine, loader, prompts, checker, tokenizer, args, device):
+def evaluate(engine, batches, prompts, checker, tokenizer, args, device):
     """Perplexity over response tokens of the eval split; greedy accuracy when the data has a checker."""
     engine.eval()
     nll, count = 0.0, 0
-    for batch in loader:
+    for batch, rows in batches():  # rows 0: a dummy batch (ZeRO-3 ranks forward together), not counted
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         s, n = response_nll(logits, batch["labels"])
-        nll, count = nll + s.item(), count + n.item()
+        nll, count = nll + s.item() * (rows > 0), count + n.item() * (rows > 0)
     nll, count = common.all_reduce_sum([nll, count], device)
     out = {"eval_loss": nll / count, "eval_perplexity": math.exp(min(nll / count, 50))}
     if checker is not None:
         sizes = (args.per_device_eval_batch_size, args.eval_max_new_tokens, device, args.zero_stage == 3)
-        answers = greedy_generate(engine.module, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], *sizes)
+        answers = greedy_generate(engine.module, tokenizer, [data.encode_prompt(tokenizer, p) for p in prompts], *sizes)
         hits = [checker(prompts[i], a) for i, a in answers.items()]
         correct, total = common.all_reduce_sum([sum(hits), len(hits)], device)
         out["eval_accuracy"] = correct / total
@@ -168,8 +178,9 @@ def main(argv=None):
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import get_scheduler
 
-    tokenizer = common.load_tokenizer(args.model_name_or_path)
-    args.max_seq_len = common.cap_seq_len(args.model_name_or_path, args.max_seq_len)
+    name, eos = args.model_name_or_path, (args.eos_token, args.add_eot_token)
+    tokenizer = models.load_tokenizer(name, "--model_name_or_path", args.chat_template, *eos)
+    args.max_seq_len = models.cap_seq_len(args.model_name_or_path, args.max_seq_len)
 
     # ---- data: phase 1 of every --data_path (plus --sft_only_data_path), before the model loads
     sets = build_data(args, tokenizer)
@@ -177,9 +188,8 @@ def main(argv=None):
     train_set, eval_set = (sets[part].select_columns(["input_ids", "labels"]) for part in ("train", "eval"))
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, args.per_device_train_batch_size, sampler=sampler, collate_fn=collate)
-    eval_sampler = DistributedSampler(eval_set, shuffle=False)
-    eval_loader = DataLoader(eval_set, args.per_device_eval_batch_size, sampler=eval_sampler, collate_fn=collate)
-    checker = data.checker_for(args.data_path)
+    eval_batches = lambda: data.eval_batches(eval_set, args.per_device_eval_batch_size, collate)
+    checker = sources.checker_for(args.data_path)
     eval_prompts = sets["eval"]["prompt"] if checker else []
 
     # ---- batch hierarchy: micro-batch per rank x accumulation x ranks = global batch per optimizer step
@@ -197,7 +207,7 @@ def main(argv=None):
     ds_cfg = common.ds_config(args.zero_stage, args.dtype, micro, accum, args.offload, monitors=mon)
     quant = (args.bnb_4bit_quant_type, args.dtype) if args.load_in_4bit else None
     kw = dict(dropout=args.dropout, zero_stage=args.zero_stage, ds_cfg=ds_cfg, quant=quant)
-    model = common.load_model(args.model_name_or_path, tokenizer, **kw)
+    model = models.load_model(args.model_name_or_path, tokenizer, **kw)
     if args.lora_dim > 0:  # a 4-bit base cannot train: only LoRA does
         lora.add_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora or args.load_in_4bit)
     if args.gradient_checkpointing:
@@ -207,10 +217,12 @@ def main(argv=None):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     log = common.CSVLog(os.path.join(args.output_dir, "log.csv"), engine=engine)
-    eval_args = (engine, eval_loader, eval_prompts, checker, tokenizer, args, device)
+    eval_args = (engine, eval_batches, eval_prompts, checker, tokenizer, args, device)
 
     # ---- loop
-    metrics = {f"{k}_start": v for k, v in evaluate(*eval_args).items()}
+    start = evaluate(*eval_args)
+    metrics = {f"{k}_start": v for k, v in start.items()}
+    log.write(0, start)
     print_rank0("eval start | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     log_every = 1 if args.print_loss else max(1, total_steps // 20)
     step, epoch, t0, seen, skipped = 0, 0, time.time(), 0, 0
@@ -243,6 +255,7 @@ def main(argv=None):
     metrics.update(train_seconds=time.time() - t0, skipped_updates=skipped)
     end = evaluate(*eval_args)
     metrics.update(end)
+    log.write(total_steps, end)
     print_rank0(
         "eval end | " + " | ".join(f"{k} {v:.4f}" for k, v in end.items()) + f" | train {metrics['train_seconds']:.0f}s"
     )

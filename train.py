@@ -1,7 +1,7 @@
 """The whole pipeline in one command: step 1 (sft.py) -> step 2 (reward.py) -> step 3 (ppo.py), then a
 report of what each step bought (DeepSpeed-Chat's "one-script experience").
 
-    # the built-in demo on a tiny model, CPU, about 6 minutes on 2 cores
+    # the built-in demo on a tiny model, CPU, about 7.5 minutes on 2 cores
     python train.py
     # DeepSpeed-Chat's example, on one GPU
     python train.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m --num-gpus 1 \
@@ -24,6 +24,8 @@ import shlex
 import subprocess
 import sys
 import time
+
+import builtin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = {1: ("sft.py", "step1_sft"), 2: ("reward.py", "step2_reward"), 3: ("ppo.py", "step3_ppo")}
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     a("--output-dir", default="output", help="where the step folders and the report go")
     a("--seed", type=int, default=1234, help="seed for all steps (the data split must agree across them)")
     a("--chat-template", action="store_true", help="all steps render prompts with the tokenizer's chat template")
+    a("--recipe", default="auto", choices=["auto", "demo", "none"], help="auto: the demo's for a tiny:<family> actor")
     a("--checkpoint-interval", type=int, default=25, help="step 3 saves a resumable checkpoint every N PPO steps")
     for i in (1, 2, 3):
         a(f"--step{i}-args", default="", help=f"extra flags for step {i}'s script, as one quoted string")
@@ -67,6 +70,9 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be 0, 1, 2 or 3")
     if args.reward_fn or args.algo == "dpo":  # no reward model to train
         args.step = [s for s in args.step if s != 2]
+    if args.recipe == "auto":  # the stages' own defaults are for real pretrained models
+        tiny = args.actor_model.startswith("tiny:") and args.actor_model[5:] in builtin.TINY_FAMILIES
+        args.recipe = "demo" if tiny else "none"
     return args
 
 
@@ -116,7 +122,8 @@ def step_command(i, args):
         cmd += ["--critic_zero_stage", str(args.reward_zero_stage)] if args.reward_zero_stage is not None else []
         if not args.force and os.path.isfile(os.path.join(out(3), "checkpoints", "latest")):
             cmd.append("--resume")
-    return [os.path.join(HERE, stage(i, args)[0])] + cmd + common + shlex.split(getattr(args, f"step{i}_args"))
+    recipe = builtin.DEMO_RECIPE[stage(i, args)[0]].split() if args.recipe == "demo" else []  # the user's flags win
+    return [os.path.join(HERE, stage(i, args)[0])] + recipe + cmd + common + shlex.split(getattr(args, f"step{i}_args"))
 
 
 def run_step(i, args):
@@ -285,6 +292,12 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     seconds, t0 = {}, time.time()
+    if args.recipe == "demo":
+        print(
+            "[train] recipe: the demo's (builtin.DEMO_RECIPE, for a 0.6M-parameter model); --recipe none for the "
+            "stages' defaults, which are for real pretrained models",
+            flush=True,
+        )
     for i in sorted(set(args.step)):
         if complete(i, args) and not args.force:
             print(f"[train] step {i} ({stage(i, args)[0]}): {os.path.join(args.output_dir, stage(i, args)[1])}", end="")

@@ -29,7 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-common, ppo = importlib.import_module("common"), importlib.import_module("ppo")  # the repository's, from scripts/
+common, models, ppo = (importlib.import_module(m) for m in ("common", "models", "ppo"))  # the repository's
 
 QUICK = ["--actor", "tiny:gpt2", "--critic", "tiny:gpt2", "--prompt_len", "8", "--answer_len", "8", "--batch", "4",
          "--micro_batch", "2", "--steps", "1"]  # fmt: skip
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     g("--critic_zero_stage", type=int, default=0, help="critic ZeRO stage (the reward model follows it)")
     g("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, else fp32")
     g("--enable_hybrid_engine", action="store_true", help="DeepSpeed's hybrid engine for generation")
+    g("--offload_reference_model", action="store_true", help="the reference's parameters on the CPU (ZeRO-3)")
     g("--no_bare", action="store_true", help="skip the bare-PyTorch reference (it runs on one rank only)")
     g("--results", default=os.path.join(ROOT, "bench", "results.jsonl"), help="JSON lines appended here")
     g("--quick", action="store_true", help="tiny models, one step: checks the script, not the speed")
@@ -80,7 +81,8 @@ def ppo_args(args, output_dir):
     flags += [str(args.micro_batch), "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len"]
     flags += [str(args.answer_len), "--actor_zero_stage", str(args.actor_zero_stage), "--critic_zero_stage"]
     flags += [str(args.critic_zero_stage), "--dtype", args.dtype, "--seed", str(args.seed)]
-    return ppo.parse_args(flags + (["--enable_hybrid_engine"] if args.enable_hybrid_engine else []))
+    flags += [f"--{k}" for k in ("enable_hybrid_engine", "offload_reference_model") if getattr(args, k)]
+    return ppo.parse_args(flags)
 
 
 def synthetic_prompts(tokenizer, n, length, seed):
@@ -107,7 +109,7 @@ def ours(args, device):
     """Seconds per phase per step with ppo.py's PPOTrainer and DeepSpeed engines: (gen, score, train), params."""
     with tempfile.TemporaryDirectory() as tmp:
         a = ppo_args(args, tmp)
-        tokenizer = common.load_tokenizer(a.actor, "--actor")
+        tokenizer = models.load_tokenizer(a.actor, "--actor")
         engine = ppo.RLHFEngine(a.actor, a.critic, a.reward, tokenizer, a, 1000, device)
         trainer = ppo.PPOTrainer(engine, a)
         trainer.generate_kwargs = {"min_new_tokens": args.answer_len}  # full-length answers: equal work per run
@@ -131,18 +133,18 @@ def ours(args, device):
                 times.append((gen_seconds, t1 - t0 - gen_seconds, time.time() - t1))
         params = [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
                   for e in (engine.actor, engine.critic)]  # fmt: skip
-    return [sum(t[i] for t in times) / len(times) for i in range(3)], params
+    return [sum(t[i] for t in times) / len(times) for i in range(3)], params, engine.hybrid
 
 
 def bare(args, device):
     """The same work without DeepSpeed: plain modules, torch.optim.AdamW, our loss functions. (gen, score, train)."""
     a = ppo_args(args, tempfile.mkdtemp())
-    tokenizer = common.load_tokenizer(a.actor, "--actor")
+    tokenizer = models.load_tokenizer(a.actor, "--actor")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.dtype, torch.float32)
-    load = lambda: common.load_model(a.actor, tokenizer).to(device, dtype)  # what ours loads, as a plain module
+    load = lambda: models.load_model(a.actor, tokenizer).to(device, dtype)  # what ours loads, as a plain module
     actor, ref = load(), load().requires_grad_(False)
-    critic = common.load_reward_model(a.critic, tokenizer)[0].to(device, dtype)
-    reward = common.load_reward_model(a.reward, tokenizer)[0].to(device, dtype).requires_grad_(False)
+    critic = models.load_reward_model(a.critic, tokenizer)[0].to(device, dtype)
+    reward = models.load_reward_model(a.reward, tokenizer)[0].to(device, dtype).requires_grad_(False)
     opt_a = torch.optim.AdamW(actor.parameters(), lr=a.actor_learning_rate, betas=(0.9, 0.95))
     opt_c = torch.optim.AdamW(critic.parameters(), lr=a.critic_learning_rate, betas=(0.9, 0.95))
     ref.eval(), reward.eval()
@@ -162,13 +164,13 @@ def bare(args, device):
             response, tq = out[:, query.shape[1] :], query.shape[1]
             mask = torch.ones_like(response)
             seq, attn = out, torch.cat([qmask, mask], 1)
-            pos = common.position_inputs(actor, attn)
+            pos = models.position_inputs(actor, attn)
             logprobs = ppo.logprobs_from_logits(actor(seq, attention_mask=attn, **pos).logits[:, tq - 1 : -1], response)
             ref_logprobs = ppo.logprobs_from_logits(
                 ref(seq, attention_mask=attn, **pos).logits[:, tq - 1 : -1], response
             )
             values = critic(seq, attn)[:, tq - 1 : -1]
-            scores = common.end_scores(reward(seq, attn), attn)
+            scores = models.end_scores(reward(seq, attn), attn)
             rewards, _ = ppo.compute_rewards(scores, logprobs, ref_logprobs, mask, a.kl_coef, a.kl_estimator)
             advantages, returns = ppo.gae(rewards, values, mask, a.gamma, a.lam)
         sync(device)
@@ -230,7 +232,7 @@ def main(argv=None):
     if args.grid:
         return grid(args)
     device = common.init_distributed(args.seed)
-    (gen, score, train), (actor_params, critic_params) = ours(args, device)
+    (gen, score, train), (actor_params, critic_params), hybrid_ran = ours(args, device)
     world, peak = common.world_size(), peak_memory_mb(device)  # before the bare models load
     row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
     row.update(commit=commit(), actor_params=actor_params, critic_params=critic_params, prompt_len=args.prompt_len)
@@ -240,9 +242,8 @@ def main(argv=None):
         samples_per_s=args.batch * world / (gen + score + train), tokens_per_s=args.batch * args.answer_len / gen
     )
     row.update(gen_ms_per_token=1000 * gen / args.answer_len, peak_mem_mb=peak, dtype=common.check_dtype(args.dtype))
-    row.update(
-        hybrid_engine=args.enable_hybrid_engine, actor=args.actor, critic=args.critic, micro_batch=args.micro_batch
-    )
+    row.update(hybrid_engine=hybrid_ran, offload_reference_model=args.offload_reference_model)  # ran, not asked
+    row.update(actor=args.actor, critic=args.critic, micro_batch=args.micro_batch)
     row.update(bare_samples_per_s=None, overhead_ratio=None, bare_gen_s=None, bare_score_s=None, bare_train_s=None)
     if not args.no_bare and world == 1:
         b = bare(args, device)

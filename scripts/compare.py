@@ -11,10 +11,12 @@ the group estimators sample 4 responses to each of 16 prompts per step where gae
 Finished runs are read back, not redone (delete a run's folder to redo it). dpo.py's runs, when present, join the
 table: <output-dir>/dpo_seed<S> (plain DPO) and dpo_rpo_seed<S> (with --rpo_alpha 1), e.g.
 
-    python dpo.py --model_name_or_path output/step1_sft --seed 1 --rpo_alpha 1 --output_dir compare/dpo_rpo_seed1
+    python dpo.py --model_name_or_path output/step1_sft --learning_rate 1e-4 --per_device_train_batch_size 16 \
+        --per_device_eval_batch_size 32 --seed 1 --rpo_alpha 1 --output_dir compare/dpo_rpo_seed1
 """
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -23,6 +25,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+builtin = importlib.import_module("builtin")  # the demo's recipe: ppo.py's own defaults are for real models
 GROUP = ["--reward_fn", "checker", "--per_device_generation_batch_size", "16", "--n_samples_per_prompt", "4"]
 RUNS = {  # name -> ppo.py flags (besides --actor and the budget)
     "gae + reward model": ["--reward", "{reward}"],
@@ -31,7 +35,14 @@ RUNS = {  # name -> ppo.py flags (besides --actor and the budget)
     "dr_grpo": [*GROUP, "--advantage_estimator", "dr_grpo"],
     "rloo": [*GROUP, "--advantage_estimator", "rloo"],
     "reinforce_pp": ["--reward_fn", "checker", "--advantage_estimator", "reinforce_pp"],
-}
+    # what the field added since DeepSpeed-Chat (README, "Beyond DeepSpeed-Chat"), each on GRPO
+    "grpo + clip-higher": [*GROUP, "--advantage_estimator", "grpo", "--cliprange_high", "0.28"],
+    "grpo + dynamic sampling": [*GROUP, "--advantage_estimator", "grpo", "--dynamic_sampling"],
+    "grpo + overlong shaping": [*GROUP, "--advantage_estimator", "grpo", "--overlong_buffer_len", "16"],
+    "grpo + TIS": [*GROUP, "--advantage_estimator", "grpo", "--tis_cap", "2"],
+    "gspo": [*GROUP, "--advantage_estimator", "grpo", "--importance_sampling_level", "sequence", "--cliprange", "3e-4",
+             "--cliprange_high", "4e-4"],
+}  # fmt: skip
 
 
 DPO_RUNS = {"dpo (pairs, no sampling)": "dpo_seed", "dpo + chosen NLL (--rpo_alpha 1)": "dpo_rpo_seed"}  # folders
@@ -60,13 +71,15 @@ def summarise(folder):
     m = json.load(open(path))
     log = [line.split(",") for line in open(os.path.join(folder, "log.csv")).read().splitlines()[1:]]
     speed = [float(v) for _, k, v in log if k == "samples_per_s"]
+    extra = [float(v) for _, k, v in log if k == "extra_batches"]  # dynamic sampling's extra generation batches
     return {"before": m["eval_accuracy_start"], "after": m["eval_accuracy"], "kl": m["eval_kl"],
             "eos": m["eval_eos_rate"], "length": m["eval_response_length"], "samples_per_s": statistics.mean(speed),
-            "seconds": m["train_seconds"]}  # fmt: skip
+            "seconds": m["train_seconds"], "extra_gen": statistics.mean(extra) if extra else 0.0}  # fmt: skip
 
 
 COLUMNS = [("before", "{:.1%}"), ("after", "{:.1%}"), ("gain", "{:+.1f}"), ("kl", "{:.2f}"), ("eos", "{:.2f}"),
-           ("length", "{:.1f}"), ("samples_per_s", "{:.1f}"), ("seconds", "{:.0f}")]  # fmt: skip
+           ("length", "{:.1f}"), ("samples_per_s", "{:.1f}"), ("seconds", "{:.0f}"),
+           ("extra_gen", "{:.2f}")]  # fmt: skip
 
 
 def table(results):
@@ -89,7 +102,17 @@ def main(argv=None):
             folder = os.path.join(args.output_dir, f"{name.replace(' + ', '_').replace(' ', '_')}_seed{seed}")
             if summarise(folder) is None:
                 flags = [f.format(reward=args.reward) for f in RUNS[name]]
-                cmd = [sys.executable, os.path.join(ROOT, "ppo.py"), "--actor", args.sft, *flags, "--seed", str(seed)]
+                demo = builtin.DEMO_RECIPE["ppo.py"].split()  # ppo.py's own defaults are for real models
+                cmd = [
+                    sys.executable,
+                    os.path.join(ROOT, "ppo.py"),
+                    *demo,
+                    "--actor",
+                    args.sft,
+                    *flags,
+                    "--seed",
+                    str(seed),
+                ]
                 cmd += ["--max_steps", str(args.max_steps), "--output_dir", folder, *args.extra]
                 print(f"[compare] {name}, seed {seed}: {' '.join(cmd)}", flush=True)
                 t0 = time.time()

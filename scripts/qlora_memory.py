@@ -27,11 +27,11 @@ def measure(model, mode):
 
     importlib.import_module("bitsandbytes")  # in both modes, so the baseline is the same
 
-    import common
+    import models
 
-    tokenizer = common.load_tokenizer(model)
+    tokenizer = models.load_tokenizer(model)
     rss_before = rss_now()
-    loaded = common.load_model(model, tokenizer, quant=("nf4", "fp32") if mode == "4bit" else None)
+    loaded = models.load_model(model, tokenizer, quant=("nf4", "fp32") if mode == "4bit" else None)
     with torch.no_grad():  # one forward pass touches every weight (fp32 safetensors are mapped lazily)
         loaded(**tokenizer(["sort: d b a c"], return_tensors="pt"))
     tensors = list(loaded.parameters()) + list(loaded.buffers())
@@ -66,9 +66,9 @@ def main():
     if args._mode:
         print(json.dumps(measure(args.model, args._mode)))
         return
-    import common
+    import models
 
-    common.resolve_model(args.model)  # build the random model folder once, outside the measured processes
+    models.resolve_model(args.model)  # build the random model folder once, outside the measured processes
     rows = []
     for mode in ("fp32", "4bit"):
         cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--_mode", mode]

@@ -1,6 +1,7 @@
 """Shared fixtures. Tiny models and tokenised caches go to a per-session folder, so the suite is
 hermetic; helpers run a stage as a subprocess exactly as a user would."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,15 +11,31 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+builtin = importlib.import_module("builtin")  # the repository, on the path above
+
+# the demo's learning rates and sizes (train.py's recipe for tiny models; the stages' defaults are for real models)
+DEMO = {script: flags.split() for script, flags in builtin.DEMO_RECIPE.items()}
 # ppo.py on the tiny model with its own reward model: small enough for a test, every model path exercised
-TINY_PPO = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--per_device_generation_batch_size", "8",
-            "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8"]  # fmt: skip
+TINY_PPO = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", *DEMO["ppo.py"], "--per_device_generation_batch_size",
+            "8", "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8"]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cache"))
     os.environ["MINIRLHF_CACHE"] = path
+    return path
+
+
+def write_sort_rows(path, n=300, easy_pairs=False):
+    """n rows of the demo as a local JSONL file (prompt, chosen, rejected, response): no checker, so the stages skip
+    their greedy accuracy evals, and its 9:1 eval split is small (fast tests of everything else). easy_pairs: every
+    rejected answer is "?", a preference a few steps learn."""
+    import json
+
+    rows = [{**r, "rejected": "?"} if easy_pairs else r for r in builtin.sort_dataset()["train"][:n]]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
 
 

@@ -72,3 +72,22 @@ def build_model_folder(kind, root):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def chatml_folder(root):
+    """A tiny llama whose tokenizer names <|endoftext|> its EOS while its ChatML template closes turns with <|im_end|>
+    (Qwen2.5 base, SmolLM2 before its instruct tokenizer config)."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(root, "chatml")
+    if not os.path.isdir(path):
+        tok = builtin.byte_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        turn = "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        tok.chat_template = "{% for m in messages %}" + turn + "{% endfor %}"
+        tok.chat_template += "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        model = AutoModelForCausalLM.from_pretrained(builtin.tiny_model_path("llama"))
+        model.resize_token_embeddings(len(tok))
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path

@@ -100,7 +100,7 @@ def _hc3(i):
 
 def _mkqa(lang):
     def files(i):
-        text = None if i == 3 else f"{lang}-answer {i}"  # an unanswerable query: dropped
+        text = None if i == 3 else f"{lang}-answer {i}"  # an unanswerable query: a prompt for step 3 alone
         answers = {k: [{"type": "entity", "entity": "Q1", "text": text, "aliases": []}] for k in ("en", "zh_cn", "ja")}
         rec = {
             "example_id": str(i),
@@ -233,11 +233,11 @@ COPIES = {
     "Hello-SimpleAI/HC3-Chinese": (_hc3, lambda i: _one(f"Human: 什么是 {i}?\n\nAssistant:", f" 人类 {i}")),
     "mkqa-Chinese": (
         _mkqa("zh_cn"),
-        lambda i: None if i == 3 else _one(f"Human: zh_cn-query {i}\n\nAssistant:", f" zh_cn-answer {i}"),
+        lambda i: _one(f"Human: zh_cn-query {i}\n\nAssistant:", None if i == 3 else f" zh_cn-answer {i}"),
     ),
     "mkqa-Japanese": (
         _mkqa("ja"),
-        lambda i: None if i == 3 else _one(f"Human: ja-query {i}\n\nAssistant:", f" ja-answer {i}"),
+        lambda i: _one(f"Human: ja-query {i}\n\nAssistant:", None if i == 3 else f" ja-answer {i}"),
     ),
     "lmqg/qg_jaquad": (_qg, lambda i: _one(f"Human: 首都は {i}?\n\nAssistant:", f" 首都は東京 {i}。")),
     "lmqg/qag_jaquad": (_qag, lambda i: _one(f"Human: 質問 {i}\n\nAssistant:", f" 段落 {i}")),

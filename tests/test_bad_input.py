@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import builtin
 from conftest import TINY_PPO, assert_one_line_error, run_stage
@@ -67,7 +68,16 @@ CASES = {
     "malformed --data_split": (lambda t: [*SFT, "--data_split", "2,4"], ["--data_split '2,4'"]),
     "--zero_stage outside 0-3": (lambda t: [*SFT, "--zero_stage", "4"], ["--zero_stage 4"]),
     "--critic_zero_stage outside 0-3": (lambda t: [*PPO, "--critic_zero_stage", "-1"], ["--critic_zero_stage -1"]),
-    "--dtype fp16 without a GPU": (lambda t: [*SFT, "--dtype", "fp16"], ["--dtype fp16 needs a GPU"]),
+    "--offload with ZeRO 0": (lambda t: [*PPO, "--offload"], ["--offload with --actor_zero_stage 0", "ZeRO 1-3"]),
+    "--lora_module_name matching no layer of the critic": (
+        lambda t: [*PPO, "--critic_lora_dim", "4", "--critic_lora_module_name", "nope"],
+        ["--critic_lora_module_name 'nope': matches no linear layer of GPT2Model"],
+    ),
+    "--eos_token that is not a token": (lambda t: [*SFT, "--eos_token", "<|nope|>"], ["--eos_token <|nope|>: not a"]),
+    "--checkpoint_interval that splits an accumulated update": (
+        lambda t: [*PPO, "--gradient_accumulation_steps", "4", "--checkpoint_interval", "1"],
+        ["--checkpoint_interval 1: 2 micro-batches per step do not end a --gradient_accumulation_steps update"],
+    ),
     "--lora_module_name matching no layer": (
         lambda t: [*SFT, "--lora_dim", "4", "--lora_module_name", "nothing_like_this"],
         ["--lora_module_name 'nothing_like_this': matches no linear layer"],
@@ -94,6 +104,10 @@ CASES = {
         lambda t: [*PPO, "--advantage_estimator", "grpo"],
         ["--advantage_estimator grpo: needs --n_samples_per_prompt 2 or more"],
     ),
+    "--dynamic_sampling without groups": (
+        lambda t: [*PPO, "--dynamic_sampling"],
+        ["--dynamic_sampling: needs groups: a critic-free --advantage_estimator and --n_samples_per_prompt 2 or more"],
+    ),
     "both --reward and --reward_fn": (lambda t: [*PPO, "--reward_fn", "checker"], ["--reward or --reward_fn"]),
     "--reward_fn checker on data without a checker": (
         lambda t: [*PPO_FN, "checker", "--data_path", _rows(t)],
@@ -105,6 +119,10 @@ CASES = {
         ["--reward_fn", "has no function 'nothing'"],
     ),
 }
+
+
+if not torch.cuda.is_available():  # on a GPU machine fp16 is fine
+    CASES["--dtype fp16 without a GPU"] = (lambda t: [*SFT, "--dtype", "fp16"], ["--dtype fp16 needs a GPU"])
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,12 +8,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import lora
+import models
 from common import UserError
 
 
 def _model(family):
-    tok = common.load_tokenizer(f"tiny:{family}")
-    return common.load_model(f"tiny:{family}", tok), tok
+    tok = models.load_tokenizer(f"tiny:{family}")
+    return models.load_model(f"tiny:{family}", tok), tok
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])  # Conv1D and nn.Linear
@@ -97,13 +98,13 @@ def test_fp16_without_gpu_is_refused():
 
 def test_bad_model_paths_are_refused(tmp_path):
     with pytest.raises(UserError, match="--model_name_or_path /no/such/model: no such model folder"):
-        common.check_model_path("/no/such/model")
+        models.check_model_path("/no/such/model")
     with pytest.raises(UserError, match="no config.json"):
-        common.check_model_path(str(tmp_path))
+        models.check_model_path(str(tmp_path))
     with pytest.raises(UserError, match="unknown tiny model type"):
-        common.check_model_path("tiny:nonsense")
+        models.check_model_path("tiny:nonsense")
     with pytest.raises(UserError, match=r"tiny:gpt2@width=3: bad size 'width=3' \(expected key=integer, keys: hidden"):
-        common.check_model_path("tiny:gpt2@width=3")
+        models.check_model_path("tiny:gpt2@width=3")
 
 
 def test_tiny_size_specs_build_the_shape_asked_for():

@@ -3,14 +3,15 @@ import random
 import pytest
 
 import builtin
-import common
 import data
+import models
+import sources
 from common import UserError
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return common.load_tokenizer("tiny:gpt2")
+    return models.load_tokenizer("tiny:gpt2")
 
 
 def test_tiny_tokenizer_round_trips_text_and_pad_differs_from_eos(tok):
@@ -20,21 +21,26 @@ def test_tiny_tokenizer_round_trips_text_and_pad_differs_from_eos(tok):
     assert tok.pad_token_id != tok.eos_token_id
 
 
-def test_encode_pair_masks_prompt_and_keeps_eos(tok):
-    enc = data.encode_pair(tok, "Human: hi\n\nAssistant:", " yo", max_len=64)
+def encode(tok, prompt, response, max_len, train_on_prompt=False):  # one response: its row, or None
+    out = data.encode_row(tok, prompt, [response], max_len, train_on_prompt)
+    return out and out[0][0]
+
+
+def test_encode_row_masks_prompt_and_keeps_eos(tok):
+    enc = encode(tok, "Human: hi\n\nAssistant:", " yo", max_len=64)
     p = tok("Human: hi\n\nAssistant:")["input_ids"]
     r = tok(" yo", add_special_tokens=False)["input_ids"]
     assert enc["input_ids"] == p + r + [tok.eos_token_id]
     assert enc["labels"] == [-100] * len(p) + r + [tok.eos_token_id]
-    with_prompt = data.encode_pair(tok, "Human: hi\n\nAssistant:", " yo", max_len=64, train_on_prompt=True)
+    with_prompt = encode(tok, "Human: hi\n\nAssistant:", " yo", max_len=64, train_on_prompt=True)
     assert with_prompt["labels"] == with_prompt["input_ids"]
-    short = data.encode_pair(tok, "Human: hi\n\nAssistant:", " yo", max_len=len(p) + 1)
-    assert len(short["input_ids"]) == len(short["labels"]) == len(p) + 1
+    short = encode(tok, "Human: hi\n\nAssistant:", " yo", max_len=len(p) + 1)  # the prompt gives way, not the EOS
+    assert short["input_ids"] == p[-(len(p) + 1 - len(r) - 1) :] + r + [tok.eos_token_id]
 
 
 def test_collate_sft_pads_labels_with_ignore_index(tok):
-    a = data.encode_pair(tok, "Human: a\n\nAssistant:", " b", 64)
-    b = data.encode_pair(tok, "Human: longer prompt\n\nAssistant:", " longer answer", 64)
+    a = encode(tok, "Human: a\n\nAssistant:", " b", 64)
+    b = encode(tok, "Human: longer prompt\n\nAssistant:", " longer answer", 64)
     batch = data.collate_sft([a, b], tok.pad_token_id)
     n = len(a["input_ids"])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
@@ -92,13 +98,13 @@ def test_sort_eval_prompts_never_appear_in_training():
 
 def test_unknown_data_path_is_refused():
     with pytest.raises(UserError, match="--data_path nope/nothing: unknown dataset"):
-        data.resolve_source("nope/nothing")
+        sources.resolve_source("nope/nothing")
 
 
 def test_local_folder_ending_in_hub_name_resolves(tmp_path):
     folder = tmp_path / "Dahoas" / "rm-static"
     folder.mkdir(parents=True)
-    assert data.resolve_source(str(folder)) == "Dahoas/rm-static"
+    assert sources.resolve_source(str(folder)) == "Dahoas/rm-static"
 
 
 def test_rm_static_local_copy_loads_through_its_adapter(tmp_path):
@@ -140,7 +146,7 @@ def test_local_jsonfile_missing_column_names_the_file(tmp_path, monkeypatch):
 def test_last_token_index_left_and_right_padding(left):
     seqs = [[5, 6, 7], [5], [5, 6, 7, 8, 9]]
     mask = data.pad([[1] * len(s) for s in seqs], 0, left=left)
-    idx = common.last_token_index(mask)
+    idx = models.last_token_index(mask)
     expected = [4, 4, 4] if left else [2, 0, 4]
     assert idx.tolist() == expected
 
@@ -149,5 +155,5 @@ def test_last_token_index_ignores_token_ids_when_bos_equals_pad():
     pad_id = 1
     ids = data.pad([[1, 9, 9, 2], [1, 9]], pad_id)  # BOS == PAD == 1 at the start of every row
     mask = data.pad([[1] * 4, [1] * 2], 0)
-    assert common.last_token_index(mask).tolist() == [3, 1]
-    assert ids[1, common.last_token_index(mask)[1]].item() == 9
+    assert models.last_token_index(mask).tolist() == [3, 1]
+    assert ids[1, models.last_token_index(mask)[1]].item() == 9

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_stage
+from conftest import DEMO, run_stage
 from dpo import dpo_loss, nll_loss, sequence_logprobs
 
 # two pairs of summed log-probs: policy chosen/rejected, reference chosen/rejected
@@ -52,8 +52,8 @@ def test_sequence_logprobs_sum_only_the_labelled_tokens():
     assert sequence_logprobs(logits, labels).item() == pytest.approx(math.log(0.9) + math.log(0.8))
 
 
-SMALL = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-         "--eval_max_new_tokens", "8", "--data_split", "2,6,2"]  # fmt: skip
+SMALL = [*DEMO["dpo.py"], "--max_steps", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+         "--eval_max_new_tokens", "8", "--data_split", "18,1,1"]  # fmt: skip
 
 
 def _metrics(out):

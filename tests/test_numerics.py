@@ -10,9 +10,9 @@ import sys
 import torch
 
 import common
-from conftest import ROOT, TINY_PPO, run_stage
+from conftest import DEMO, ROOT, TINY_PPO, run_stage
 
-PPO = [*TINY_PPO, "--data_split", "8,1,1", "--ppo_epochs", "2"]
+PPO = [*TINY_PPO, "--data_split", "18,1,1", "--ppo_epochs", "2"]
 
 
 class FakeEngine:
@@ -85,6 +85,7 @@ def _metrics(out):
 def test_same_command_same_seed_same_metrics(tmp_path):
     sft = [
         "sft.py",
+        *DEMO["sft.py"],
         "--model_name_or_path",
         "tiny:gpt2",
         "--max_steps",
@@ -93,6 +94,8 @@ def test_same_command_same_seed_same_metrics(tmp_path):
         "8",
         "--eval_max_new_tokens",
         "8",
+        "--data_split",
+        "1,18,1",
         "--seed",
         "7",
     ]

@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import common
 import lora
+import models
 import qlora
 from common import UserError
 from conftest import TINY_PPO, assert_one_line_error, run_stage
@@ -27,8 +28,8 @@ def _randomise_lora(model):  # LoRA starts as a zero update: give it a real one,
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])  # gpt2: Conv1D, stored [in, out] in its checkpoint
 def test_4bit_lora_model_saves_a_plain_model_with_the_same_logits(family, tmp_path):
-    tokenizer = common.load_tokenizer(f"tiny:{family}")
-    model = common.load_model(f"tiny:{family}", tokenizer, quant=("nf4", "fp32"))
+    tokenizer = models.load_tokenizer(f"tiny:{family}")
+    model = models.load_model(f"tiny:{family}", tokenizer, quant=("nf4", "fp32"))
     assert any(qlora.is_4bit(m) for m in model.modules())
     lora.convert_to_lora(model, lora.default_lora_module(model), 8)
     _randomise_lora(model)
@@ -47,15 +48,15 @@ def test_4bit_lora_model_saves_a_plain_model_with_the_same_logits(family, tmp_pa
 
 
 def test_4bit_reward_model_saves_and_reloads_with_the_same_scores(tmp_path):
-    tokenizer = common.load_tokenizer("tiny:llama")
-    model, _ = common.load_reward_model("tiny:llama", tokenizer, quant=("nf4", "fp32"))
+    tokenizer = models.load_tokenizer("tiny:llama")
+    model, _ = models.load_reward_model("tiny:llama", tokenizer, quant=("nf4", "fp32"))
     lora.convert_to_lora(model.backbone, "layers.", 8)
     _randomise_lora(model)
     with torch.no_grad():
         scores = model.score(**IDS)
-    common.save_reward_model(model, tokenizer, str(tmp_path / "rm"), {})
+    models.save_reward_model(model, tokenizer, str(tmp_path / "rm"), {})
     AutoModel.from_pretrained(str(tmp_path / "rm"))  # plain transformers loads the backbone
-    again, _ = common.load_reward_model(str(tmp_path / "rm"), tokenizer)
+    again, _ = models.load_reward_model(str(tmp_path / "rm"), tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(again.score(**IDS), scores, atol=1e-5, rtol=1e-5)
 
@@ -85,7 +86,7 @@ def test_4bit_bad_flags_are_one_line_errors(stage, flags, fragments, tmp_path):
     assert_one_line_error(proc, *fragments)
 
 
-SMALL = ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+SMALL = ["--learning_rate", "1e-3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
          "--load_in_4bit", "--lora_dim", "16", "--lora_learning_rate", "1e-2"]  # fmt: skip
 GEN = ["--eval_max_new_tokens", "8"]  # sft.py and dpo.py judge greedy answers
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import builtin
-import common
 import data
-from common import end_scores, load_reward_model, save_reward_model
+import models
 from conftest import assert_one_line_error, run_stage
+from models import end_scores, load_reward_model, save_reward_model
 from reward import evaluate, pairwise_loss
 
 
@@ -27,16 +27,16 @@ def test_accuracy_counting_ties_are_wrong():
         "input_ids": torch.tensor([[c, 0] for c, _ in pairs] + [[r, 0] for _, r in pairs]),
         "attention_mask": torch.ones(8, 2, dtype=torch.long),
     }
-    out = evaluate(StubEngine(), [batch], type("Args", (), {"eval_iters": 0})(), torch.device("cpu"))
+    out = evaluate(StubEngine(), lambda: [(batch, 4)], type("Args", (), {"eval_iters": 0})(), torch.device("cpu"))
     assert out["eval_accuracy"] == 0.5
     assert out["eval_chosen_score"] == pytest.approx(8 / 4) and out["eval_rejected_score"] == pytest.approx(8 / 4)
     assert out["score_std"] == pytest.approx(math.sqrt((1 + 0 + 25 + 4) / 4 - 2.0**2))
 
 
 def test_end_scores_reads_last_real_token_including_truncated_rows(tmp_path):
-    tok = common.load_tokenizer("tiny:gpt2")
-    full = data.encode_pair(tok, "Human: x\n\nAssistant:", " y z", 64)["input_ids"]
-    cut = data.encode_pair(tok, "Human: x\n\nAssistant:", " y z", len(full) - 2)["input_ids"]  # EOS truncated away
+    tok = models.load_tokenizer("tiny:gpt2")
+    full = data.encode_row(tok, "Human: x\n\nAssistant:", [" y z"], 64)[0][0]["input_ids"]
+    cut = full[:-2]  # a row cut short (as a generated answer without EOS)
     assert full[-1] == tok.eos_token_id and cut[-1] != tok.eos_token_id
     for left in (False, True):
         mask = data.pad([[1] * len(full), [1] * len(cut)], 0, left=left)
@@ -50,14 +50,14 @@ def test_end_scores_reads_last_real_token_including_truncated_rows(tmp_path):
         assert end_scores(values, mask).tolist() == [float(e) for e in expected]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+@pytest.mark.parametrize("family", sorted(builtin.TINY_FAMILIES))  # BLOOM's ALiBi and the rotary families too
 def test_score_same_for_left_and_right_padding(family):
-    tok = common.load_tokenizer(f"tiny:{family}")
+    tok = models.load_tokenizer(f"tiny:{family}")
     model, _ = load_reward_model(f"tiny:{family}", tok)
     model.eval()
     seqs = [
-        data.encode_pair(tok, data.format_prompt("sort: b a"), " a b", 64)["input_ids"],
-        data.encode_pair(tok, data.format_prompt("sort: d c b a"), " a b c d", 64)["input_ids"],
+        data.encode_row(tok, data.format_prompt("sort: b a"), [" a b"], 64)[0][0]["input_ids"],
+        data.encode_row(tok, data.format_prompt("sort: d c b a"), [" a b c d"], 64)[0][0]["input_ids"],
     ]
     with torch.no_grad():
         right = model.score(data.pad(seqs, tok.pad_token_id), data.pad([[1] * len(s) for s in seqs], 0))
@@ -69,7 +69,7 @@ def test_score_same_for_left_and_right_padding(family):
 
 
 def test_save_reload_gives_identical_scores_and_stats(tmp_path):
-    tok = common.load_tokenizer("tiny:opt")
+    tok = models.load_tokenizer("tiny:opt")
     model, stats = load_reward_model("tiny:opt", tok)
     assert stats is None
     torch.nn.init.normal_(model.v_head.weight)
@@ -121,7 +121,7 @@ def test_reward_two_ranks_zero3_from_tiny(tmp_path):
         assert math.isfinite(metrics[key]), key
     for kind in builtin.SORT_ERROR_KINDS:  # builtin:sort classifies its rejected answers: accuracy per kind
         assert 0.0 <= metrics[f"eval_accuracy_{kind}"] <= 1.0, kind
-    tok = common.load_tokenizer(out)
+    tok = models.load_tokenizer(out)
     model, stats = load_reward_model(out, tok)
     assert stats["score_std"] == pytest.approx(metrics["score_std"])
 
@@ -189,6 +189,6 @@ def test_per_kind_pairwise_accuracy_matches_a_hand_count():
         "kind": [k for _, _, k in pairs],
     }
     args = type("Args", (), {"eval_iters": 0})()
-    out = evaluate(StubEngine(), [batch], args, torch.device("cpu"), kinds=["replaced", "swap"])
+    out = evaluate(StubEngine(), lambda: [(batch, 4)], args, torch.device("cpu"), kinds=["replaced", "swap"])
     assert out["eval_accuracy"] == pytest.approx(2 / 4)
     assert out["eval_accuracy_swap"] == pytest.approx(2 / 3) and out["eval_accuracy_replaced"] == 0.0

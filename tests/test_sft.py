@@ -1,15 +1,18 @@
 """Step 1 end to end, as subprocesses exactly as a user runs them."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_stage
+import data
+from conftest import DEMO, run_stage
 
 FAST = [
+    *DEMO["sft.py"],
     "--model_name_or_path",
     "tiny:gpt2",
     "--data_path",
@@ -69,3 +72,18 @@ def test_sft_with_lora_only(tmp_path):
         ]
     )
     _check_output(out)
+
+
+def test_accumulation_mid_run_evals_and_sft_only_data(tmp_path):
+    extra, out = tmp_path / "extra.jsonl", str(tmp_path / "sft")
+    extra.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"{i}"}) + "\n" for i in range(30)))
+    flags = ["--gradient_accumulation_steps", "2", "--max_steps", "3", "--print_loss", "--eval_interval", "2",
+             "--sft_only_data_path", str(extra), "--data_split", "1,8,1", "--output_dir", out]  # fmt: skip
+    proc = run_stage(["sft.py", *FAST, *flags])
+    phase1 = len(data.phase_rows(["builtin:sort"], [1, 8, 1], 1, 1234)["train"])
+    assert f"{phase1 + 27} train" in proc.stdout  # the extra file's 9:1 train part joins step 1 only
+    assert "micro-batch 8 x accum 2 x ranks 1 = global batch 16, 3 steps" in proc.stdout
+    log = [x.split(",") for x in open(os.path.join(out, "log.csv")).read().splitlines()[1:]]
+    lrs = [float(v) for s, k, v in log if k == "lr"]  # one scheduler step per optimizer step, not per micro-batch
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (1, 2, 3)])
+    assert [s for s, k, v in log if k == "eval_perplexity"] == ["0", "2", "3"]

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 import builtin
-import common
 import data
+import models
+import sources
 from common import UserError
 from conftest import ROOT, assert_one_line_error, run_stage
 from hub_copies import COPIES, N, expected, write_copy, write_records
@@ -24,14 +25,14 @@ def _triples(rows):
 @pytest.mark.parametrize("name", sorted(COPIES))
 def test_local_copy_gives_the_exact_rows(name, tmp_path):
     folder = write_copy(name, str(tmp_path))
-    assert data.resolve_source(folder) == name
+    assert sources.resolve_source(folder) == name
     rows = data.load_source(folder)
     assert rows["train"] and rows["eval"]
     assert _triples(rows) == expected(name)
 
 
 def test_every_registered_source_has_a_local_copy_test():
-    assert set(data.SOURCES) - set(COPIES) == {"builtin:sort", "local/jsonfile", data.FILE_SOURCE}
+    assert set(sources.SOURCES) - set(COPIES) == {"builtin:sort", "local/jsonfile", sources.FILE_SOURCE}
 
 
 def test_prompt_template_is_the_single_turn_form_of_dialogues():
@@ -87,8 +88,8 @@ def test_blending_two_sources_adds_their_phase_rows(tmp_path):
     hh = write_copy("Anthropic/hh-rlhf", str(tmp_path))
     gptj = write_copy("Dahoas/synthetic-instruct-gptj-pairwise", str(tmp_path))
     split = [1, 1, 0]
-    one = [data.phase_rows([p], split, 2, seed=3, need_pairs=True) for p in (hh, gptj)]
-    both = data.phase_rows([hh, gptj], split, 2, seed=3, need_pairs=True)
+    one = [data.phase_rows([p], split, 2, seed=3, need="pairs") for p in (hh, gptj)]
+    both = data.phase_rows([hh, gptj], split, 2, seed=3, need="pairs")
     for part in ("train", "eval"):
         assert both[part] == one[0][part] + one[1][part]
         assert {r["prompt"] for r in one[0][part]} <= {r["prompt"] for r in both[part]}
@@ -96,11 +97,11 @@ def test_blending_two_sources_adds_their_phase_rows(tmp_path):
 
 def test_need_pairs_keeps_only_rows_with_a_rejected_response(tmp_path):
     miracl = write_copy("Cohere/miracl-zh-queries-22-12", str(tmp_path))
-    rows = data.phase_rows([miracl], [1, 0, 0], 1, seed=1, need_pairs=True)
+    rows = data.phase_rows([miracl], [1, 0, 0], 1, seed=1, need="pairs")
     assert len(rows["train"]) == N // 2 and all(r["rejected"] for r in rows["train"])
     sft_only = write_copy("wangrui6/Zhihu-KOL", str(tmp_path))
-    with pytest.raises(UserError, match="Zhihu-KOL: has no chosen/rejected pairs"):
-        data.phase_rows([sft_only], [1, 0, 0], 1, seed=1, need_pairs=True)
+    with pytest.raises(UserError, match="Zhihu-KOL: its phase-1 train rows have no chosen/rejected pairs"):
+        data.phase_rows([sft_only], [1, 0, 0], 1, seed=1, need="pairs")
 
 
 def test_missing_column_and_empty_data_name_the_path(tmp_path):
@@ -129,10 +130,10 @@ def test_hub_name_offline_says_how_to_use_a_local_copy(monkeypatch):
 
 
 def test_cache_rebuilds_when_a_file_or_the_eos_changes(tmp_path):
-    tok = common.load_tokenizer("tiny:gpt2")
+    tok = models.load_tokenizer("tiny:gpt2")
     path = str(tmp_path / "x.jsonl")
     cache = str(tmp_path / "cache")
-    encode = lambda r: data.encode_pair(tok, r["prompt"], r["response"], 64)
+    encode = lambda r: data.encode_row(tok, r["prompt"], [r["response"]], 64)[0][0]
 
     def build(tokenizer):
         rows = data.phase_rows([path], [1, 0, 0], 1, seed=1)
@@ -150,7 +151,7 @@ def test_cache_rebuilds_when_a_file_or_the_eos_changes(tmp_path):
 
 
 def test_chat_template_renders_all_turns_and_strips_response_space():
-    tok = common.load_tokenizer("tiny:gpt2")
+    tok = models.load_tokenizer("tiny:gpt2")
     tok.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -165,7 +166,7 @@ def test_chat_template_renders_all_turns_and_strips_response_space():
 
 
 def test_phase_rows_render_with_the_chat_template_when_asked(tmp_path):
-    tok = common.load_tokenizer("tiny:gpt2")
+    tok = models.load_tokenizer("tiny:gpt2")
     tok.chat_template = TEMPLATE
     path = str(tmp_path / "x.jsonl")
     write_records(path, [{"prompt": "Q", "response": "A"}] * 10)
@@ -196,6 +197,7 @@ def test_sft_trains_two_steps_on_every_source(tmp_path):
         "for i, path in enumerate(sys.argv[1:]):\n"
         "    out = f'out{i}'\n"
         "    sft.main(['--model_name_or_path', 'tiny:gpt2', '--data_path', path, '--data_split', '1,0,0',\n"
+        "              '--learning_rate', '1e-3',\n"
         "              '--max_steps', '2',\n"
         "              '--per_device_train_batch_size', '2', '--eval_max_new_tokens', '4', '--output_dir', out])\n"
         "    m = json.load(open(os.path.join(out, 'metrics.json')))\n"
@@ -224,7 +226,7 @@ def test_chat_template_is_used_and_must_agree_across_steps(tmp_path):
 
     model = str(tmp_path / "chat-model")
     shutil.copytree(builtin.tiny_model_path("gpt2"), model)
-    tok = common.load_tokenizer(model)
+    tok = models.load_tokenizer(model)
     tok.chat_template = TEMPLATE
     tok.save_pretrained(model)
     sft_out = str(tmp_path / "sft")
@@ -253,3 +255,15 @@ def test_chat_template_is_used_and_must_agree_across_steps(tmp_path):
         ["ppo.py", "--actor", sft_out, "--reward", sft_out, "--output_dir", str(tmp_path / "ppo")], check=False
     )
     assert_one_line_error(proc, "--chat_template: --actor", "was trained with it")
+
+
+def test_a_folder_of_split_named_files_keeps_its_own_held_out_rows(tmp_path):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    write_records(str(folder / "train.jsonl"), [{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(8)])
+    write_records(str(folder / "test.jsonl"), [{"prompt": f"held-out {i}", "response": "B"} for i in range(3)])
+    assert sources.resolve_source(str(folder)) == sources.FILE_SOURCE
+    rows = data.load_source(str(folder))
+    assert len(rows["train"]) == 8 and {r["prompt"] for r in rows["eval"]} == {
+        f"Human: held-out {i}\n\nAssistant:" for i in range(3)
+    }  # the test file is the eval split, never divided 9:1 from the train file

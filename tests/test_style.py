@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-BUDGETS = {"ppo.py": 750, "common.py": 550, "data.py": 500, "dpo.py": 300}  # every other file: 450
+BUDGETS = {"ppo.py": 800, "common.py": 550, "data.py": 500, "dpo.py": 300}  # every other file: 450 (ppo: issue 28)
 STAGES = {"sft", "reward", "ppo", "dpo", "train", "chat"}
 
 

@@ -14,6 +14,8 @@ FAST = [
     "--max_steps 4 --per_device_train_batch_size 4 --eval_iters 2",
     "--step3-args",
     "--max_steps 2 --per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_answer_seq_len 12",
+    "--checkpoint-interval",
+    "1",
 ]
 
 
@@ -53,6 +55,14 @@ def test_pipeline_end_to_end_report_matches_metrics_and_rerun_skips(tmp_path):
     assert (
         again.stdout.count("is complete, skipped") == 3 and "done in" not in again.stdout.split("[train] all done")[0]
     )
+    os.remove(os.path.join(out, "step3_ppo", "metrics.json"))  # step 3 interrupted after its checkpoint at step 1
+    resumed = run_stage(["train.py", "--output-dir", out, *FAST])
+    assert "resumed from" in resumed.stdout and "after step 1" in resumed.stdout and "step 2/2" in resumed.stdout
+    assert "step 1/2" not in resumed.stdout
+    after = json.load(open(os.path.join(out, "step3_ppo", "metrics.json")))
+    assert {k: v for k, v in after.items() if k != "train_seconds"} == {
+        k: v for k, v in m[2].items() if k != "train_seconds"
+    }
 
 
 def test_step3_resumes_from_its_checkpoint_and_force_starts_over(tmp_path):

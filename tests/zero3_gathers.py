@@ -8,6 +8,7 @@ import deepspeed.comm as dist_comm
 import torch
 
 import common  # the repository root is on PYTHONPATH (tests/conftest.py's run_stage)
+import models
 import ppo
 
 COUNT = {"n": 0}
@@ -28,7 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
         flags = ["--actor", "tiny:gpt2", "--reward", "tiny:gpt2", "--actor_zero_stage", "3", "--output_dir", tmp]
         flags += ["--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2"]
         args = ppo.parse_args(flags + ["--max_answer_seq_len", str(tokens)])
-        tokenizer = common.load_tokenizer(args.actor)
+        tokenizer = models.load_tokenizer(args.actor)
         engine = ppo.RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, 10, device)
         trainer = ppo.PPOTrainer(engine, args)
         trainer.generate_kwargs = {"min_new_tokens": tokens}

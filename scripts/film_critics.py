@@ -1,0 +1,195 @@
+"""A real pretrained model and real human labels, end to end on a CPU: SmolLM2-135M-Instruct learns what film critics
+prefer (README, "A real model"). One command per seed runs step 1 -> step 2 -> step 3 (GAE PPO with the reward model),
+GRPO with the reward model and DPO from the same step-1 output, judges every policy's greedy answers to prompts about
+films none of them saw, and writes report.md and results.json:
+
+    python scripts/film_critics.py --seed 1 --output-dir critics/seed1
+    python scripts/film_critics.py --table critics/seed1 critics/seed2        # the README table, over seeds
+
+Data: scripts/rt_reviews.py (critics' snippets; pairs are (fresh, rotten) about one film; 10% of the films held out).
+Model: scripts/smollm2.py (the hub, or offline the PyPI wheel's GGUF). Judges: VADER and AFINN, lexicons nobody here
+trained. Every stage runs with its chat template, in bf16 where the CPU has bf16 units (--dtype), with the sizes of
+STAGES; a finished stage (its metrics.json) is not run again.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+rt_reviews = __import__("rt_reviews")
+ANSWER = 48  # tokens per answer, in step 3 and in the evals: a snippet is 20-200 characters
+STAGES = {  # stage -> (script, flags besides the model, data and output); the sizes that fit a 2-core CPU
+    "sft": ("sft.py", "--data_split 10,0,0 --max_seq_len 160 --learning_rate 2e-5 --max_steps 150 "
+            "--per_device_train_batch_size 8 --eval_max_new_tokens 8"),
+    "rm": ("reward.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 1e-5 --num_train_epochs 1 "
+           "--per_device_train_batch_size 8"),
+    "ppo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 16 "
+            "--per_device_training_batch_size 16 --actor_learning_rate 2e-6 --critic_learning_rate 1e-5 --max_steps 40 "
+            "--kl_coef 0.05 --num_warmup_steps 5"),
+    "grpo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 4 "
+             "--n_samples_per_prompt 4 --per_device_training_batch_size 16 --advantage_estimator grpo "
+             "--actor_learning_rate 2e-6 --max_steps 40 --kl_coef 0.05 --num_warmup_steps 5"),
+    "dpo": ("dpo.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 1e-6 --num_train_epochs 1 "
+            "--per_device_train_batch_size 8 --beta 0.1"),
+}  # fmt: skip
+
+
+def run_stage(name, args, out):
+    """One stage as a subprocess (its log beside its outputs); seconds it took (0 when already complete)."""
+    script, flags = STAGES[name]
+    folder = os.path.join(out, name)
+    if os.path.isfile(os.path.join(folder, "metrics.json")):
+        return 0.0
+    data = {"sft": "sft", "rm": "pairs", "dpo": "pairs"}.get(name, "prompts")
+    model = {"sft": args.model, "rm": os.path.join(out, "sft"), "dpo": os.path.join(out, "sft")}.get(name)
+    models = ["--model_name_or_path", model] if model else ["--actor", os.path.join(out, "sft")]
+    models += ["--reward", os.path.join(out, "rm")] if name in ("ppo", "grpo") else []
+    cmd = [sys.executable, os.path.join(ROOT, script), *models, "--data_path", os.path.join(args.data, data)]
+    cmd += [*flags.split(), "--chat_template", "--dtype", args.dtype, "--seed", str(args.seed), "--output_dir", folder]
+    print(f"[critics] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "training.log"), "w") as log:
+        if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")):
+            sys.exit(f"[critics] {name} failed; see {os.path.join(folder, 'training.log')}")
+    return time.time() - t0
+
+
+@torch.no_grad()
+def answers(path, prompts, tokenizer, sft_model, batch=16):
+    """Greedy answers of the policy at `path` to `prompts` (rendered), with their exact KL to the SFT policy, lengths
+    (tokens, EOS included) and whether they ended; the same decoding for every policy."""
+    import data
+    import models
+
+    model, out = models.load_model(path, tokenizer).eval(), []
+    for i in range(0, len(prompts), batch):
+        ids = [data.encode_prompt(tokenizer, p) for p in prompts[i : i + batch]]
+        b = data.collate_prompts(ids, tokenizer.pad_token_id)
+        gen = model.generate(**b, max_new_tokens=ANSWER, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)[:, b["input_ids"].shape[1] :]  # fmt: skip
+        is_eos = (gen == tokenizer.eos_token_id).long()
+        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+        seq, attn, tq = (
+            torch.cat([b["input_ids"], gen], 1),
+            torch.cat([b["attention_mask"], mask], 1),
+            b["input_ids"].shape[1],
+        )
+        pos = models.position_inputs(model, attn)
+        logits = [m(input_ids=seq, attention_mask=attn, **pos).logits[:, tq - 1 : -1] for m in (model, sft_model)]
+        kl = (models.kl_from_logits(*logits) * mask).sum(1)
+        for j in range(len(ids)):
+            text = tokenizer.decode(data.cut_at_eos(gen[j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+            out.append({"text": text.strip(), "kl": kl[j].item(), "length": mask[j].sum().item(),
+                        "eos": bool(is_eos[j].any())})  # fmt: skip
+    return out
+
+
+def distinct(texts, n):  # distinct-n: distinct n-grams over all n-grams of all answers (collapse shows here)
+    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def evaluate(args, out):
+    """Judge every policy's greedy answers to the held-out films' prompts; the reward model's pairwise accuracy beside
+    the judges' on the held-out pairs. Returns results.json's dict."""
+    import data
+    import models
+
+    judges, read = rt_reviews.judges(), lambda f: [json.loads(x) for x in open(f)]
+    pairs = read(os.path.join(args.data, "pairs", "test.jsonl"))
+    rm_metrics = json.load(open(os.path.join(out, "rm", "metrics.json")))
+    res = {"rm_accuracy": rm_metrics["eval_accuracy"], "rm_accuracy_start": rm_metrics["eval_accuracy_start"]}
+    for name, judge in judges.items():
+        res[f"{name}_pair_accuracy"] = statistics.mean(judge(p["chosen"]) > judge(p["rejected"]) for p in pairs)
+    tokenizer = models.load_tokenizer(os.path.join(out, "sft"), chat_template=True)
+    msgs = [[{"role": "user", "content": r["prompt"]}] for r in read(os.path.join(args.data, "prompts", "test.jsonl"))]
+    prompts = [data.render_messages(m, tokenizer) for m in msgs]
+    sft_model = models.load_model(os.path.join(out, "sft"), tokenizer).eval()
+    reward, stats = models.load_reward_model(os.path.join(out, "rm"), tokenizer)
+    reward.eval()
+    policies = {"sft": "sft", "ppo": "ppo/actor", "grpo": "grpo/actor", "dpo": "dpo"}
+    for name, folder in policies.items():
+        rows = answers(os.path.join(out, folder), prompts, tokenizer, sft_model)
+        texts = [r["text"] for r in rows]
+        with torch.no_grad():
+            ids = [data.encode_row(tokenizer, p, [t], 512)[0][0]["input_ids"] for p, t in zip(prompts, texts)]
+            b = data.collate_sft([{"input_ids": x, "labels": x} for x in ids], tokenizer.pad_token_id)
+            scores = reward.score(b["input_ids"], b["attention_mask"]).tolist()
+        m = {f"{j}_positive": statistics.mean(judge(t) > 0 for t in texts) for j, judge in judges.items()}
+        m.update({f"{j}_score": statistics.mean(judge(t) for t in texts) for j, judge in judges.items()})
+        m.update(rm_score=statistics.mean(scores), kl=statistics.mean(r["kl"] for r in rows))
+        m.update(length=statistics.mean(r["length"] for r in rows), eos=statistics.mean(r["eos"] for r in rows))
+        m.update(distinct_1=distinct(texts, 1), distinct_2=distinct(texts, 2), answers=texts)
+        res[name] = m
+    res["prompts"] = [m[0]["content"] for m in msgs]
+    return res
+
+
+ROWS = ["vader_positive", "afinn_positive", "vader_score", "afinn_score", "rm_score", "kl", "length", "eos",
+        "distinct_1", "distinct_2"]  # fmt: skip
+
+
+def report(res, seconds):
+    lines = ["# SmolLM2-135M learns what film critics prefer", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
+    rm = f"Reward model, held-out pairs: {res['rm_accuracy']:.3f} (from {res['rm_accuracy_start']:.3f}); "
+    lines += ["", rm + f"VADER {res['vader_pair_accuracy']:.3f}, AFINN {res['afinn_pair_accuracy']:.3f} on them.", ""]
+    lines += ["| metric | SFT | PPO | GRPO | DPO |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | " + " | ".join(f"{res[p][k]:.3f}" for p in ("sft", "ppo", "grpo", "dpo")) + " |" for k in ROWS]
+    lines += ["", "| film prompt | SFT | PPO | GRPO | DPO |", "| --- | --- | --- | --- | --- |"]
+    for i in range(0, len(res["prompts"]), max(1, len(res["prompts"]) // 10))[:10]:
+        cells = [res[p]["answers"][i].replace("|", "/") for p in ("sft", "ppo", "grpo", "dpo")]
+        lines.append(f"| {res['prompts'][i]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table(folders):
+    """README's table: each metric as mean [min, max] over the seeds' results.json."""
+    runs = [json.load(open(os.path.join(f, "results.json"))) for f in folders]
+    cell = lambda vals: f"{statistics.mean(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]"
+    lines = ["| metric | SFT | PPO | GRPO | DPO |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | " + " | ".join(cell([r[p][k] for r in runs]) for p in ("sft", "ppo", "grpo", "dpo")) + " |"
+              for k in ROWS]  # fmt: skip
+    for k in ("rm_accuracy", "vader_pair_accuracy", "afinn_pair_accuracy"):
+        lines.append(f"| {k} | {cell([r[k] for r in runs])} | | | |")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=1, help="every stage's --seed")
+    p.add_argument("--output-dir", default="critics", help="one folder per stage, report.md, results.json")
+    p.add_argument("--model", default="models/smollm2", help="SmolLM2's folder (made by scripts/smollm2.py if missing)")
+    p.add_argument("--data", default="data/rt", help="the data folders (made by scripts/rt_reviews.py if missing)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="training dtype (bf16: AVX512-BF16 CPUs)")
+    p.add_argument("--table", nargs="+", default=None, help="print README's table from these finished runs")
+    args = p.parse_args(argv)
+    if args.table:
+        return table(args.table)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        subprocess.check_call([sys.executable, os.path.join(ROOT, "scripts", "smollm2.py"), args.model])
+    if not os.path.isfile(os.path.join(args.data, "prompts", "test.jsonl")):
+        rt_reviews.build(args.data)
+    seconds = {name: run_stage(name, args, args.output_dir) for name in STAGES}
+    t0 = time.time()
+    res = evaluate(args, args.output_dir)
+    seconds["eval"] = time.time() - t0
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({**res, "seconds": seconds}, f, indent=1)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(report(res, seconds))
+    print(report(res, seconds))
+
+
+if __name__ == "__main__":
+    main()
