@@ -1,7 +1,7 @@
 """The whole pipeline in one command: step 1 (sft.py) -> step 2 (reward.py) -> step 3 (ppo.py), then a
 report of what each step bought (DeepSpeed-Chat's "one-script experience").
 
-    # the built-in demo on a tiny model, CPU, about 7.5 minutes on 2 cores
+    # the built-in demo on a tiny model, CPU, 7.5 to 9.5 minutes on 2 cores
     python train.py
     # DeepSpeed-Chat's example, on one GPU
     python train.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m --num-gpus 1 \

@@ -28,18 +28,18 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 rt_reviews = __import__("rt_reviews")
 ANSWER = 48  # tokens per answer, in step 3 and in the evals: a snippet is 20-200 characters
 STAGES = {  # stage -> (script, flags besides the model, data and output); the sizes that fit a 2-core CPU
-    "sft": ("sft.py", "--data_split 10,0,0 --max_seq_len 160 --learning_rate 2e-5 --max_steps 150 "
-            "--per_device_train_batch_size 8 --eval_max_new_tokens 8"),
-    "rm": ("reward.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 1e-5 --num_train_epochs 1 "
-           "--per_device_train_batch_size 8"),
+    "sft": ("sft.py", "--data_split 10,0,0 --max_seq_len 160 --learning_rate 3e-5 --max_steps 120 "
+            "--per_device_train_batch_size 8 --num_warmup_steps 10"),
+    "rm": ("reward.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 2e-5 --max_steps 100 "
+           "--per_device_train_batch_size 8 --num_warmup_steps 10"),
     "ppo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 16 "
-            "--per_device_training_batch_size 16 --actor_learning_rate 2e-6 --critic_learning_rate 1e-5 --max_steps 40 "
+            "--per_device_training_batch_size 16 --actor_learning_rate 1e-5 --critic_learning_rate 1e-5 --max_steps 40 "
             "--kl_coef 0.05 --num_warmup_steps 5"),
     "grpo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 4 "
              "--n_samples_per_prompt 4 --per_device_training_batch_size 16 --advantage_estimator grpo "
-             "--actor_learning_rate 2e-6 --max_steps 40 --kl_coef 0.05 --num_warmup_steps 5"),
-    "dpo": ("dpo.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 1e-6 --num_train_epochs 1 "
-            "--per_device_train_batch_size 8 --beta 0.1"),
+             "--actor_learning_rate 1e-5 --max_steps 40 --kl_coef 0.05 --num_warmup_steps 5"),
+    "dpo": ("dpo.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 5e-6 --max_steps 100 "
+            "--per_device_train_batch_size 8 --beta 0.1 --num_warmup_steps 10"),
 }  # fmt: skip
 
 
@@ -65,33 +65,33 @@ def run_stage(name, args, out):
 
 
 @torch.no_grad()
-def answers(path, prompts, tokenizer, sft_model, batch=16):
-    """Greedy answers of the policy at `path` to `prompts` (rendered), with their exact KL to the SFT policy, lengths
-    (tokens, EOS included) and whether they ended; the same decoding for every policy."""
+def dpo_answers(out, prompts, tokenizer, batch=16):
+    """DPO's greedy answers to `prompts` (rendered), judged the way step 3 judges its eval answers (ppo.py's
+    evaluate): the reward model's raw score at the last real token, the exact KL to the SFT policy summed over the
+    response, tokens (EOS included), EOS rate. dpo.py generates only for data with a checker."""
     import data
     import models
 
-    model, out = models.load_model(path, tokenizer).eval(), []
+    load = lambda name: models.load_model(os.path.join(out, name), tokenizer).eval()
+    policy, sft, rows = load("dpo"), load("sft"), []
+    reward = models.load_reward_model(os.path.join(out, "rm"), tokenizer)[0].eval()
     for i in range(0, len(prompts), batch):
-        ids = [data.encode_prompt(tokenizer, p) for p in prompts[i : i + batch]]
-        b = data.collate_prompts(ids, tokenizer.pad_token_id)
-        gen = model.generate(**b, max_new_tokens=ANSWER, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)[:, b["input_ids"].shape[1] :]  # fmt: skip
+        b = data.collate_prompts(
+            [data.encode_prompt(tokenizer, p) for p in prompts[i : i + batch]], tokenizer.pad_token_id
+        )
+        gen = policy.generate(**b, max_new_tokens=ANSWER, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)[:, b["input_ids"].shape[1] :]  # fmt: skip
         is_eos = (gen == tokenizer.eos_token_id).long()
         mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
-        seq, attn, tq = (
-            torch.cat([b["input_ids"], gen], 1),
-            torch.cat([b["attention_mask"], mask], 1),
-            b["input_ids"].shape[1],
-        )
-        pos = models.position_inputs(model, attn)
-        logits = [m(input_ids=seq, attention_mask=attn, **pos).logits[:, tq - 1 : -1] for m in (model, sft_model)]
-        kl = (models.kl_from_logits(*logits) * mask).sum(1)
-        for j in range(len(ids)):
+        seq, attn, tq = torch.cat([b["input_ids"], gen], 1), torch.cat([b["attention_mask"], mask], 1), gen.shape[1]
+        pos = models.position_inputs(policy, attn)
+        logits = [m(input_ids=seq, attention_mask=attn, **pos).logits[:, -tq - 1 : -1] for m in (policy, sft)]
+        kl, scores = (models.kl_from_logits(*logits) * mask).sum(1), reward.score(seq, attn)
+        for j in range(len(gen)):
             text = tokenizer.decode(data.cut_at_eos(gen[j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
-            out.append({"text": text.strip(), "kl": kl[j].item(), "length": mask[j].sum().item(),
-                        "eos": bool(is_eos[j].any())})  # fmt: skip
-    return out
+            rows.append({"response": text, "score": scores[j].item(), "kl": kl[j].item(),
+                         "length": mask[j].sum().item(), "eos": bool(is_eos[j].any())})  # fmt: skip
+    return rows
 
 
 def distinct(texts, n):  # distinct-n: distinct n-grams over all n-grams of all answers (collapse shows here)
@@ -100,9 +100,9 @@ def distinct(texts, n):  # distinct-n: distinct n-grams over all n-grams of all 
 
 
 def evaluate(args, out):
-    """Judge every policy's greedy answers to the held-out films' prompts; the reward model's pairwise accuracy beside
-    the judges' on the held-out pairs. Returns results.json's dict."""
-    import data
+    """Every policy's greedy answers to the held-out films' prompts, judged: step 3's eval records for SFT (PPO's
+    start), PPO and GRPO, dpo_answers for DPO; the reward model's pairwise accuracy beside the judges' on the held-out
+    pairs. Returns results.json's dict."""
     import models
 
     judges, read = rt_reviews.judges(), lambda f: [json.loads(x) for x in open(f)]
@@ -111,27 +111,23 @@ def evaluate(args, out):
     res = {"rm_accuracy": rm_metrics["eval_accuracy"], "rm_accuracy_start": rm_metrics["eval_accuracy_start"]}
     for name, judge in judges.items():
         res[f"{name}_pair_accuracy"] = statistics.mean(judge(p["chosen"]) > judge(p["rejected"]) for p in pairs)
+    runs = {}
+    for name, run, suffix in (("sft", "ppo", "_start"), ("ppo", "ppo", ""), ("grpo", "grpo", "")):
+        m = json.load(open(os.path.join(out, run, "metrics.json")))
+        rows = read(os.path.join(out, run, f"eval_generations{suffix}.jsonl"))
+        runs[name] = (rows, m[f"eval_response_length{suffix}"], m[f"eval_eos_rate{suffix}"])
+    prompts = [r["prompt"] for r in runs["sft"][0]]  # rendered with the chat template, as step 3 rendered them
     tokenizer = models.load_tokenizer(os.path.join(out, "sft"), chat_template=True)
-    msgs = [[{"role": "user", "content": r["prompt"]}] for r in read(os.path.join(args.data, "prompts", "test.jsonl"))]
-    prompts = [data.render_messages(m, tokenizer) for m in msgs]
-    sft_model = models.load_model(os.path.join(out, "sft"), tokenizer).eval()
-    reward, stats = models.load_reward_model(os.path.join(out, "rm"), tokenizer)
-    reward.eval()
-    policies = {"sft": "sft", "ppo": "ppo/actor", "grpo": "grpo/actor", "dpo": "dpo"}
-    for name, folder in policies.items():
-        rows = answers(os.path.join(out, folder), prompts, tokenizer, sft_model)
-        texts = [r["text"] for r in rows]
-        with torch.no_grad():
-            ids = [data.encode_row(tokenizer, p, [t], 512)[0][0]["input_ids"] for p, t in zip(prompts, texts)]
-            b = data.collate_sft([{"input_ids": x, "labels": x} for x in ids], tokenizer.pad_token_id)
-            scores = reward.score(b["input_ids"], b["attention_mask"]).tolist()
+    rows = dpo_answers(out, prompts, tokenizer)
+    runs["dpo"] = (rows, statistics.mean(r["length"] for r in rows), statistics.mean(r["eos"] for r in rows))
+    for name, (rows, length, eos) in runs.items():
+        texts = [r["response"].strip() for r in rows]
         m = {f"{j}_positive": statistics.mean(judge(t) > 0 for t in texts) for j, judge in judges.items()}
         m.update({f"{j}_score": statistics.mean(judge(t) for t in texts) for j, judge in judges.items()})
-        m.update(rm_score=statistics.mean(scores), kl=statistics.mean(r["kl"] for r in rows))
-        m.update(length=statistics.mean(r["length"] for r in rows), eos=statistics.mean(r["eos"] for r in rows))
-        m.update(distinct_1=distinct(texts, 1), distinct_2=distinct(texts, 2), answers=texts)
+        m.update(rm_score=statistics.mean(r["score"] for r in rows), kl=statistics.mean(r["kl"] for r in rows))
+        m.update(length=length, eos=eos, distinct_1=distinct(texts, 1), distinct_2=distinct(texts, 2), answers=texts)
         res[name] = m
-    res["prompts"] = [m[0]["content"] for m in msgs]
+    res["prompts"] = [r["prompt"] for r in read(os.path.join(args.data, "prompts", "test.jsonl"))]  # step 3's order
     return res
 
 
@@ -169,8 +165,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=1, help="every stage's --seed")
     p.add_argument("--output-dir", default="critics", help="one folder per stage, report.md, results.json")
-    p.add_argument("--model", default="models/smollm2", help="SmolLM2's folder (made by scripts/smollm2.py if missing)")
-    p.add_argument("--data", default="data/rt", help="the data folders (made by scripts/rt_reviews.py if missing)")
+    p.add_argument("--model", default="output/smollm2", help="SmolLM2's folder (made by scripts/smollm2.py if missing)")
+    p.add_argument("--data", default="output/rt", help="the data folders (made by scripts/rt_reviews.py if missing)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="training dtype (bf16: AVX512-BF16 CPUs)")
     p.add_argument("--table", nargs="+", default=None, help="print README's table from these finished runs")
     args = p.parse_args(argv)

