@@ -33,11 +33,11 @@ STAGES = {  # stage -> (script, flags besides the model, data and output); the s
     "rm": ("reward.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 2e-5 --max_steps 100 "
            "--per_device_train_batch_size 8 --num_warmup_steps 10"),
     "ppo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 16 "
-            "--per_device_training_batch_size 16 --actor_learning_rate 1e-5 --critic_learning_rate 1e-5 --max_steps 40 "
-            "--kl_coef 0.05 --num_warmup_steps 5"),
+            "--per_device_training_batch_size 8 --ppo_epochs 2 --actor_learning_rate 2e-5 --critic_learning_rate 5e-5 "
+            "--max_steps 30 --kl_coef 0.05 --num_warmup_steps 3"),
     "grpo": ("ppo.py", f"--data_split 0,0,10 --max_answer_seq_len {ANSWER} --per_device_generation_batch_size 4 "
-             "--n_samples_per_prompt 4 --per_device_training_batch_size 16 --advantage_estimator grpo "
-             "--actor_learning_rate 1e-5 --max_steps 40 --kl_coef 0.05 --num_warmup_steps 5"),
+             "--n_samples_per_prompt 4 --per_device_training_batch_size 8 --ppo_epochs 2 --advantage_estimator grpo "
+             "--actor_learning_rate 2e-5 --max_steps 30 --kl_coef 0.05 --num_warmup_steps 3"),
     "dpo": ("dpo.py", "--data_split 0,10,0 --max_seq_len 160 --learning_rate 5e-6 --max_steps 100 "
             "--per_device_train_batch_size 8 --beta 0.1 --num_warmup_steps 10"),
 }  # fmt: skip
