@@ -3,29 +3,44 @@ the defaults generalise beyond the task they were tuned on. Each has a ground-tr
 systematic error on long lists, like builtin:sort; the preference pairs are right.
 
     python scripts/list_tasks.py reverse data/reverse        # writes demos.jsonl, pairs.jsonl, prompts.jsonl
+    python scripts/list_tasks.py reverse@letters=16,max=8,demos=3000 data/reverse16   # a variation
     python train.py --output-dir out/reverse \
         --step1-args "--data_path data/reverse/demos.jsonl --data_split 10,0,0" \
         --step2-args "--data_path data/reverse/pairs.jsonl --data_split 0,10,0" \
         --step3-args "--data_path data/reverse/prompts.jsonl --data_split 0,0,10"
     python scripts/sweep.py --task reverse --seeds 1 2 3   # the same, scored by the task's checker
+    python scripts/sweep.py --task grid --seeds 1 2 --threads 1 --jobs 2   # every variation of GRID
 
-Tasks: reverse ("reverse: c a d" -> "d a c"; on 5+ items the demonstrator swaps the last two items 60% of the
-time) and rotate ("rotate: c a d" -> "a d c", first item moved to the end; on 5+ items it swaps the two items before
-the moved one 60% of the time). No prompt occurs in two files or twice in prompts.jsonl, so the held-out
-tenth of prompts.jsonl (step 3's eval split) is never trained on.
+Tasks and the demonstrator's systematic error (on lists of LONG or more items, P_SYSTEMATIC of the time):
+  sort    "sort: c a d" -> "a c d"      the last two items swapped
+  reverse "reverse: c a d" -> "d a c"   the last two items swapped
+  rotate  "rotate: c a d" -> "a d c"    the two items before the moved one swapped
+  shift   "shift: c a d" -> "d b e"     the last item left unshifted (each letter -> the next of the alphabet, wrapping)
+  rsort   "rsort: c a d" -> "d c a"     the last item dropped (the answer stops one item early)
+Besides, P_NOISE of the other demonstrations have a random adjacent swap. A variation is TASK@key=value,...: letters
+(the alphabet's first N letters), min and max (list length), demos (step-1 rows). No prompt occurs in two files or
+twice in prompts.jsonl, so the held-out tenth of prompts.jsonl (step 3's eval split) is never trained on.
 """
 
 import collections
 import json
+import math
 import os
 import random
 import re
 import sys
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MIN_LEN, MAX_LEN, LONG = 3, 6, 5
+LONG = 5
 P_SYSTEMATIC, P_NOISE = 0.6, 0.1
-SIZES = {"demos": 6000, "pairs": 12000, "prompts": 12000}
+DEFAULTS = {"letters": 26, "min": 3, "max": 6, "demos": 6000}
+N_PAIRS, N_PROMPTS = 12000, 12000
+# The grid of issue 27: each setting varied alone from a task's defaults, and the issue's failing case (reverse over
+# 16 letters). 8 letters need lists up to 8 long (3-6 of 8 distinct letters are too few prompts for 30k rows), so
+# nearly every list is long there and the clean share is small.
+GRID = ["sort", "reverse", "rotate", "shift", "rsort", "reverse@letters=16", "reverse@letters=10",
+        "reverse@letters=8,max=8", "reverse@max=8", "sort@letters=16,max=8", "reverse@demos=3000",
+        "reverse@demos=12000", "shift@letters=16"]  # fmt: skip
 
 
 def _swap(items, i):
@@ -39,32 +54,55 @@ def _items(name, prompt):
     return None if found is None else found.group(1).split()
 
 
-Task = collections.namedtuple("Task", "name answer demo_error")
+Task = collections.namedtuple("Task", "name answer demo_error")  # answer(items, alphabet); demo_error(items, answer)
 TASK_LIST = [
-    Task("reverse", lambda xs: xs[::-1], lambda answer: _swap(answer, len(answer) - 2)),
-    Task("rotate", lambda xs: xs[1:] + xs[:1], lambda answer: answer[:-3] + [answer[-2], answer[-3], answer[-1]]),
+    Task("sort", lambda xs, abc: sorted(xs), lambda xs, answer: _swap(answer, len(answer) - 2)),
+    Task("reverse", lambda xs, abc: xs[::-1], lambda xs, answer: _swap(answer, len(answer) - 2)),
+    Task("rotate", lambda xs, abc: xs[1:] + xs[:1], lambda xs, a: a[:-3] + [a[-2], a[-3], a[-1]]),
+    Task("shift", lambda xs, abc: [abc[(abc.index(x) + 1) % len(abc)] for x in xs], lambda xs, a: a[:-1] + xs[-1:]),
+    Task("rsort", lambda xs, abc: sorted(xs, reverse=True), lambda xs, answer: answer[:-1]),
 ]
+TASKS = {t.name: t for t in TASK_LIST}
+
+
+def parse_spec(spec):
+    """(Task, settings) of "reverse" or "reverse@letters=16,max=8"; ValueError naming what is wrong."""
+    name, _, rest = spec.partition("@")
+    if name not in TASKS:
+        raise ValueError(f"unknown list task {name!r} (known: {', '.join(TASKS)})")
+    settings = dict(DEFAULTS)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS or not value.isdigit():
+            raise ValueError(f"{spec}: bad setting {item!r} (expected key=integer, keys: {', '.join(DEFAULTS)})")
+        settings[key] = int(value)
+    letters, low, high = settings["letters"], settings["min"], settings["max"]
+    if not 2 <= letters <= len(LETTERS) or not 3 <= low <= high <= letters:
+        raise ValueError(f"{spec}: needs 2 <= letters <= 26 and 3 <= min <= max <= letters")
+    distinct = sum(math.perm(letters, n) for n in range(low, high + 1))
+    if distinct < 1.5 * (settings["demos"] + N_PAIRS + N_PROMPTS):  # drawing distinct prompts would crawl or never end
+        raise ValueError(f"{spec}: only {distinct} distinct lists for {settings['demos'] + N_PAIRS + N_PROMPTS} rows "
+                         "(more letters or longer lists)")  # fmt: skip
+    return TASKS[name], settings
 
 
 class ListTask:
-    """A task with its checker (prompt, response) -> bool and `systematic(prompt)`: the lists on which the
-    demonstrator makes its systematic error."""
+    """A task's checker (prompt, response) -> bool and `systematic(prompt)`: the lists on which the demonstrator makes
+    its systematic error."""
 
-    def __init__(self, task):
-        self.task = task
+    def __init__(self, spec):
+        self.task, self.settings = parse_spec(spec)
+        self.alphabet = LETTERS[: self.settings["letters"]]
 
     def check(self, prompt, response):
         items = _items(self.task.name, prompt)
-        return items is not None and response.strip().split() == self.task.answer(items)
+        return items is not None and response.strip().split() == self.task.answer(items, self.alphabet)
 
     def systematic(self, prompt):
         return len(_items(self.task.name, prompt) or []) >= LONG
 
 
-TASKS = {t.name: ListTask(t) for t in TASK_LIST}
-
-
-def corrupt(rng, answer):
+def corrupt(rng, answer, alphabet):
     """A wrong answer: last two swapped, a random adjacent swap, a letter replaced by one not in the list, a letter
     dropped or one added (the kinds builtin:sort's pairs have)."""
     kind = rng.random()
@@ -73,49 +111,50 @@ def corrupt(rng, answer):
         out = _swap(answer, len(answer) - 2)
     elif kind < 0.45:
         out = _swap(answer, rng.randrange(len(answer) - 1))
-    elif kind < 0.85:
-        out[rng.randrange(len(out))] = rng.choice([c for c in LETTERS if c not in answer])
-    elif kind < 0.925:
+    elif kind < 0.85 and len(answer) < len(alphabet):
+        out[rng.randrange(len(out))] = rng.choice([c for c in alphabet if c not in answer])
+    elif kind < 0.925:  # also a list of every letter, which has none left to put in
         del out[rng.randrange(len(out))]
     else:
-        out.insert(rng.randrange(len(out) + 1), rng.choice(LETTERS))
+        out.insert(rng.randrange(len(out) + 1), rng.choice(alphabet))
     return out if out != answer else _swap(answer, 0)
 
 
-def rows(task, seed=0):
+def rows(spec, seed=0):
     """{file: rows} for the three files, from disjoint prompts."""
+    task, settings = parse_spec(spec)
+    alphabet = LETTERS[: settings["letters"]]
     rng, seen, out = random.Random(seed), set(), {}
-    for part, n in SIZES.items():
+    for part, n in (("demos", settings["demos"]), ("pairs", N_PAIRS), ("prompts", N_PROMPTS)):
         out[part] = []
         while len(out[part]) < n:
-            items = rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN))
+            items = rng.sample(alphabet, rng.randint(settings["min"], settings["max"]))
             if " ".join(items) in seen:
                 continue
             seen.add(" ".join(items))
-            answer = task.answer(items)
+            answer = task.answer(items, alphabet)
             prompt = f"{task.name}: {' '.join(items)}"
             if part == "demos":
                 demo = answer
                 if len(items) >= LONG and rng.random() < P_SYSTEMATIC:
-                    demo = task.demo_error(answer)
+                    demo = task.demo_error(items, answer)
                 elif rng.random() < P_NOISE:
                     demo = _swap(answer, rng.randrange(len(answer) - 1))
                 out[part].append({"prompt": prompt, "response": " ".join(demo)})
             elif part == "pairs":
-                out[part].append(
-                    {"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(corrupt(rng, answer))}
-                )
+                rejected = corrupt(rng, answer, alphabet)
+                out[part].append({"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(rejected)})
             else:  # step 3 needs only the prompt; the reference answer lets step 3 count reward hacking
                 out[part].append({"prompt": prompt, "chosen": " ".join(answer)})
     return out
 
 
-def write_task(name, folder):
+def write_task(spec, folder):
     """Write the three files (once; they are always the same) and return {file: path}."""
     os.makedirs(folder, exist_ok=True)
-    paths = {part: os.path.join(folder, f"{part}.jsonl") for part in SIZES}
+    paths = {part: os.path.join(folder, f"{part}.jsonl") for part in ("demos", "pairs", "prompts")}
     if not all(os.path.isfile(p) for p in paths.values()):
-        for part, part_rows in rows(TASKS[name].task).items():
+        for part, part_rows in rows(spec).items():
             with open(paths[part] + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in part_rows)
             os.replace(paths[part] + ".tmp", paths[part])
@@ -123,7 +162,11 @@ def write_task(name, folder):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in TASKS:
-        sys.exit(f"usage: python scripts/list_tasks.py {{{','.join(TASKS)}}} FOLDER")
-    for part, path in write_task(sys.argv[1], sys.argv[2]).items():
-        print(f"{path}: {SIZES[part]} rows")
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: python scripts/list_tasks.py TASK[@key=value,...] FOLDER (tasks: {', '.join(TASKS)})")
+    try:
+        parse_spec(sys.argv[1])
+    except ValueError as e:
+        sys.exit(f"list_tasks.py: {e}")
+    for path in write_task(sys.argv[1], sys.argv[2]).values():
+        print(f"{path}: {sum(1 for _ in open(path))} rows")
