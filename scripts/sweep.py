@@ -57,9 +57,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
     args.task = [t for task in args.task for t in (list_tasks.GRID if task == "grid" else [task])]
-    for task in args.task:
+    for task in (t for t in args.task if t != "builtin"):
         try:
-            task == "builtin" or list_tasks.parse_spec(task)
+            list_tasks.parse_spec(task)
         except ValueError as e:
             p.error(f"--task {e}")
     return args
