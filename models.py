@@ -165,8 +165,12 @@ class RewardModel(nn.Module):
         return end_scores(self(input_ids, attention_mask), attention_mask)
 
 
-def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None):
-    """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head."""
+def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, quant=None, standardise=False):
+    """(RewardModel, {"score_mean", "score_std"} or None) from a step-2 folder, or any LM with a fresh v_head.
+    standardise: fold (score - score_mean) / score_std into v_head, for step 3's critic under --normalize_reward, as
+    OpenRLHF's critic standardises its values. Left raw (a std of 14.5 on a list task), the critic's first values are
+    off by several rewards and the final tokens' advantages point the wrong way (a right answer scored +5 raw, 0
+    standardised: A = 0 - 5 < 0) until it has re-learned its scale (README, "Where the defaults stop")."""
     from safetensors import safe_open
     from transformers.utils import logging as hf_logging
 
@@ -185,6 +189,10 @@ def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, 
             if "v_head.weight" in f.keys():
                 model.v_head.load_state_dict({k: f.get_tensor(f"v_head.{k}") for k in ("weight", "bias")})
     stats = {k: getattr(model.config, k, None) for k in ("score_mean", "score_std")}
+    if standardise and stats["score_mean"] is not None:
+        with torch.no_grad():
+            model.v_head.weight.div_(max(stats["score_std"], 1e-6))
+            model.v_head.bias.sub_(stats["score_mean"]).div_(max(stats["score_std"], 1e-6))
     return model, (stats if stats["score_mean"] is not None else None)
 
 

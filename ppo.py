@@ -712,7 +712,7 @@ class RLHFEngine:
         self.critic = self.reward = self.reward_stats = None  # critic-free estimators have no critic
         if critic:
             cfg = self._train_cfg(a.critic_zero_stage, monitors=False)
-            kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"])
+            kw = dict(zero_stage=a.critic_zero_stage, ds_cfg=cfg, quant=quant["critic"], standardise=a.normalize_reward)
             model, _ = models.load_reward_model(critic, tokenizer, a.critic_dropout, **kw)
             self.critic = self._trained(model, model.backbone, cfg, total_updates, "critic")
         if reward:  # else --reward_fn scores the answers

@@ -1,6 +1,7 @@
 """List tasks other than the built-in sort, written as the three local JSONL files a user would bring, to check that
 the defaults generalise beyond the task they were tuned on. Each has a ground-truth checker and a demonstrator with a
-systematic error on long lists, like builtin:sort; the preference pairs are right.
+systematic error on long lists, like builtin:sort; the preference pairs are right, and the demonstrator's error is
+one kind of rejected answer in them.
 
     python scripts/list_tasks.py reverse data/reverse        # writes demos.jsonl, pairs.jsonl, prompts.jsonl
     python scripts/list_tasks.py reverse@letters=16,max=8,demos=3000 data/reverse16   # a variation
@@ -102,13 +103,15 @@ class ListTask:
         return len(_items(self.task.name, prompt) or []) >= LONG
 
 
-def corrupt(rng, answer, alphabet):
-    """A wrong answer: last two swapped, a random adjacent swap, a letter replaced by one not in the list, a letter
-    dropped or one added (the kinds builtin:sort's pairs have)."""
+def corrupt(rng, task, items, answer, alphabet):
+    """A wrong answer: the demonstrator's own error, a random adjacent swap, a letter replaced by one not in the list,
+    a letter dropped or one added (the kinds builtin:sort's pairs have, whose demonstrator swaps the last two). The
+    first kind stands for what InstructGPT's labellers rank: the SFT policy's own samples, its copied error among them;
+    pairs that never show the reward model that error leave step 3 nothing to fix (rotate: +0 to +7 points)."""
     kind = rng.random()
     out = list(answer)
     if kind < 0.3:
-        out = _swap(answer, len(answer) - 2)
+        out = task.demo_error(items, answer)
     elif kind < 0.45:
         out = _swap(answer, rng.randrange(len(answer) - 1))
     elif kind < 0.85 and len(answer) < len(alphabet):
@@ -142,7 +145,7 @@ def rows(spec, seed=0):
                     demo = _swap(answer, rng.randrange(len(answer) - 1))
                 out[part].append({"prompt": prompt, "response": " ".join(demo)})
             elif part == "pairs":
-                rejected = corrupt(rng, answer, alphabet)
+                rejected = corrupt(rng, task, items, answer, alphabet)
                 out[part].append({"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(rejected)})
             else:  # step 3 needs only the prompt; the reference answer lets step 3 count reward hacking
                 out[part].append({"prompt": prompt, "chosen": " ".join(answer)})

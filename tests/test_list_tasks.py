@@ -53,6 +53,20 @@ def test_a_variation_keeps_its_alphabet_lengths_and_sizes_with_disjoint_prompts(
     )
 
 
+@pytest.mark.parametrize("name", ["sort", "reverse", "rotate", "shift", "rsort"])
+def test_the_pairs_show_the_reward_model_the_demonstrators_own_error(name):
+    """Step 3 fixes only what step 2 was shown: with rotate's pairs rejecting "last two swapped" (sort's error) rather
+    than rotate's own, step 3 gained +0.0 and +6.8 points (seeds 1 and 2)."""
+    task = list_tasks.ListTask(name)
+    pairs = list_tasks.rows(name)["pairs"]
+    own = sum(
+        r["rejected"].split() == task.task.demo_error(items, r["chosen"].split())
+        for r in pairs
+        for items in [list_tasks._items(name, r["prompt"])]
+    )
+    assert 0.27 < own / len(pairs) < 0.36  # 30% by construction, plus the random kinds that happen to coincide
+
+
 def test_the_default_files_are_the_ones_the_readme_reverse_table_was_measured_on():
     first = list_tasks.rows("reverse")["demos"][0]
     assert first == {"prompt": "reverse: y n b i q p", "response": "p q i b y n"}  # the code before variations wrote it

@@ -23,6 +23,39 @@ def _metrics(out):
     return json.load(open(os.path.join(out, "metrics.json")))
 
 
+CRITIC_DRIVER = """
+import sys, torch, common, models, ppo
+device = common.init_distributed(0)
+args = ppo.parse_args(sys.argv[1:])
+tokenizer = models.load_tokenizer(args.actor)
+engine = ppo.RLHFEngine(args.actor, args.critic, args.reward, tokenizer, args, 10, device)
+ids = torch.tensor([tokenizer("Human: sort: b a\\n\\nAssistant: a b").input_ids + [tokenizer.eos_token_id]])
+with torch.no_grad():
+    raw, value = (m.module.score(ids, torch.ones_like(ids)).item() for m in (engine.reward, engine.critic))
+print("SCORES", raw, value)
+"""
+
+
+@pytest.mark.parametrize("normalize", ["--normalize_reward", "--no-normalize_reward"])
+def test_a_critic_from_the_reward_model_starts_on_the_rewards_scale(tmp_path, normalize):
+    """Rewards are standardised by the reward model's stored statistics; the critic initialised from it must predict
+    on that scale too, else its first advantages point away from the answers the reward model prefers."""
+    tokenizer = models.load_tokenizer("tiny:gpt2")
+    model, _ = models.load_reward_model("tiny:gpt2", tokenizer)
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)  # raw scores far from 0, as a trained reward model's
+    rm = str(tmp_path / "rm")
+    models.save_reward_model(model, tokenizer, rm, stats={"score_mean": 3.0, "score_std": 4.0}, json_files=None)
+    flags = ["--actor", "tiny:gpt2", "--reward", rm, normalize, "--output_dir", str(tmp_path / "o")]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-c", CRITIC_DRIVER, *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw, value = map(float, proc.stdout.split("SCORES")[1].split())
+    assert abs(raw) > 1.0
+    expected = (raw - 3.0) / 4.0 if normalize == "--normalize_reward" else raw
+    assert value == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
 def test_ppo_runs_and_writes_everything(tmp_path):
     out = str(tmp_path / "ppo")
     proc = run_stage(
