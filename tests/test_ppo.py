@@ -42,7 +42,7 @@ def test_a_critic_from_the_reward_model_starts_on_the_rewards_scale(tmp_path, no
     on that scale too, else its first advantages point away from the answers the reward model prefers."""
     tokenizer = models.load_tokenizer("tiny:gpt2")
     model, _ = models.load_reward_model("tiny:gpt2", tokenizer)
-    torch.nn.init.normal_(model.v_head.weight, std=1.0)  # raw scores far from 0, as a trained reward model's
+    torch.nn.init.constant_(model.v_head.bias, 7.0)  # raw scores far from their standardised values
     rm = str(tmp_path / "rm")
     models.save_reward_model(model, tokenizer, rm, stats={"score_mean": 3.0, "score_std": 4.0}, json_files=None)
     flags = ["--actor", "tiny:gpt2", "--reward", rm, normalize, "--output_dir", str(tmp_path / "o")]
@@ -51,7 +51,7 @@ def test_a_critic_from_the_reward_model_starts_on_the_rewards_scale(tmp_path, no
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw, value = map(float, proc.stdout.split("SCORES")[1].split())
-    assert abs(raw) > 1.0
+    assert abs(raw - (raw - 3.0) / 4.0) > 1.0
     expected = (raw - 3.0) / 4.0 if normalize == "--normalize_reward" else raw
     assert value == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
