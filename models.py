@@ -190,9 +190,10 @@ def load_reward_model(name, tokenizer, dropout=None, zero_stage=0, ds_cfg=None, 
                 model.v_head.load_state_dict({k: f.get_tensor(f"v_head.{k}") for k in ("weight", "bias")})
     stats = {k: getattr(model.config, k, None) for k in ("score_mean", "score_std")}
     if standardise and stats["score_mean"] is not None:
+        std = max(stats["score_std"], 1e-6)  # as ppo.shape_scores divides the rewards
         with torch.no_grad():
-            model.v_head.weight.div_(max(stats["score_std"], 1e-6))
-            model.v_head.bias.sub_(stats["score_mean"]).div_(max(stats["score_std"], 1e-6))
+            model.v_head.weight.div_(std)
+            model.v_head.bias.sub_(stats["score_mean"]).div_(std)
     return model, (stats if stats["score_mean"] is not None else None)
 
 
