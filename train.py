@@ -294,7 +294,7 @@ def main(argv=None):
     seconds, t0 = {}, time.time()
     if args.recipe == "demo":
         print(
-            "[train] recipe: the demo's (builtin.DEMO_RECIPE, for a 0.6M-parameter model); --recipe none for the "
+            "[train] recipe: the demo's (builtin.DEMO_RECIPE, for a 0.5M-parameter model); --recipe none for the "
             "stages' defaults, which are for real pretrained models",
             flush=True,
         )
