@@ -28,6 +28,10 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    # Tear the group down while Python is alive: Gloo's worker threads outliving it abort a rank at interpreter exit,
+    # "terminate called without an active exception", after a run that succeeded (pytorch/pytorch#190489).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def rank():

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +139,14 @@ def test_output_dir_that_cannot_be_created_is_refused_and_probe_leaves_nothing(t
         common.check_output_dir("/proc/no/such")
     common.check_output_dir(str(tmp_path / "a" / "b"))
     assert not (tmp_path / "a").exists()
+
+
+def test_run_cli_destroys_the_process_group_after_main():
+    # A two-rank Gloo run aborted at exit (rc -6) after saving when the group was left for the interpreter to tear down.
+    code = (
+        "import common, torch; common.run_cli(lambda: common.init_distributed(0)); "
+        "print(torch.distributed.is_initialized())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
