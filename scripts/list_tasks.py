@@ -37,10 +37,11 @@ P_SYSTEMATIC, P_NOISE = 0.6, 0.1
 DEFAULTS = {"letters": 26, "min": 3, "max": 6, "demos": 6000}
 N_PAIRS, N_PROMPTS = 12000, 12000
 # The grid of issue 27: each setting varied alone from a task's defaults, and the issue's failing case (reverse over
-# 16 letters). 8 letters need lists up to 8 long (3-6 of 8 distinct letters are too few prompts for 30k rows), so
-# nearly every list is long there and the clean share is small.
+# 16 letters). 8 letters need lists of 3-7 or 3-8 (3-6 of 8 distinct letters are too few prompts for 30k rows), so
+# nearly every list is long there and the clean share is small. 3-8 over 8 letters (every list nearly the whole
+# alphabet) is beyond the defaults at step 1 (README, "Where the defaults stop"); the grid checks 3-7.
 GRID = ["sort", "reverse", "rotate", "shift", "rsort", "reverse@letters=16", "reverse@letters=10",
-        "reverse@letters=8,max=8", "reverse@max=8", "sort@letters=16,max=8", "reverse@demos=3000",
+        "reverse@letters=8,max=7", "reverse@max=8", "sort@letters=16,max=8", "reverse@demos=3000",
         "reverse@demos=12000", "shift@letters=16"]  # fmt: skip
 
 
