@@ -85,5 +85,6 @@ def test_accumulation_mid_run_evals_and_sft_only_data(tmp_path):
     assert "micro-batch 8 x accum 2 x ranks 1 = global batch 16, 3 steps" in proc.stdout
     log = [x.split(",") for x in open(os.path.join(out, "log.csv")).read().splitlines()[1:]]
     lrs = [float(v) for s, k, v in log if k == "lr"]  # one scheduler step per optimizer step, not per micro-batch
-    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (1, 2, 3)])
+    peak = float(FAST[FAST.index("--learning_rate") + 1])
+    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (1, 2, 3)])
     assert [s for s, k, v in log if k == "eval_perplexity"] == ["0", "2", "3"]
