@@ -56,7 +56,7 @@ def test_family_runs_all_three_steps_with_and_without_lora(family, tmp_path):
         if line.startswith("METRICS")
     }
     assert set(metrics) == {"s1", "s1_lora", "s2", "s2_lora", "s3", "s3_lora"}
-    for out in ("s1", "s1_lora"):  # two SFT steps at lr 1e-3 already lower held-out perplexity
+    for out in ("s1", "s1_lora"):  # two SFT steps at the demo's lr already lower held-out perplexity
         assert metrics[out]["eval_perplexity"] < metrics[out]["eval_perplexity_start"], out
     for out in ("s2", "s2_lora"):  # eight steps learn that an answer beats "?" on held-out pairs
         assert metrics[out]["eval_loss"] < metrics[out]["eval_loss_start"], out
