@@ -101,14 +101,8 @@ def parse_args(argv=None):
     # ---- models and memory
     g = p.add_argument_group("models and memory").add_argument
     g("--actor", "--actor_model_name_or_path", dest="actor", required=True, help="step-1 output; also the reference")
-    g(
-        "--reward",
-        "--reward_model_name_or_path",
-        "--critic_model_name_or_path",
-        dest="reward",
-        default=None,
-        help="step-2 output (or --reward_fn); DeepSpeed-Chat's --critic_model_name_or_path",
-    )
+    g("--reward", "--reward_model_name_or_path", "--critic_model_name_or_path", dest="reward", default=None,
+      help="step-2 output (or --reward_fn); DeepSpeed-Chat's --critic_model_name_or_path")  # fmt: skip
     g("--critic", default=None, help="critic init (default: the reward model, else the actor)")
     g("--output_dir", required=True, help="actor/, critic/, metrics.json, generations, checkpoints/")
     g("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, else fp32")
