@@ -77,7 +77,7 @@ TINY_VERSION = 4
 # pretrained models (DeepSpeed-Chat's single-GPU OPT-1.3B values: learning rates near 1e-5, one epoch, 256-token
 # answers); a random 0.5M-parameter model learns the demo in minutes only at these (README, "Results on the demo").
 DEMO_RECIPE = {
-    "sft.py": "--learning_rate 5e-4 --num_train_epochs 16 --per_device_train_batch_size 16",
+    "sft.py": "--learning_rate 5e-4 --num_train_epochs 20 --per_device_train_batch_size 16",
     "reward.py": "--learning_rate 1e-3 --num_train_epochs 2 --per_device_train_batch_size 16 "
     "--per_device_eval_batch_size 32",
     "ppo.py": "--actor_learning_rate 1e-4 --critic_learning_rate 1e-4 --max_answer_seq_len 64 "

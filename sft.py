@@ -3,9 +3,9 @@
 The loss is next-token cross-entropy on response tokens only (prompt and padding are labelled -100);
 every response ends with the tokenizer's EOS, so the model learns to stop.
 
-    # the built-in demo on CPU (about 3 minutes on 2 cores), at its recipe (builtin.DEMO_RECIPE; the defaults are for
+    # the built-in demo on CPU (about 4 minutes on 2 cores), at its recipe (builtin.DEMO_RECIPE; the defaults are for
     # real pretrained models)
-    python sft.py --model_name_or_path tiny:gpt2 --learning_rate 5e-4 --num_train_epochs 16 \
+    python sft.py --model_name_or_path tiny:gpt2 --learning_rate 5e-4 --num_train_epochs 20 \
         --per_device_train_batch_size 16 --output_dir output/step1_sft
     # 1 GPU
     deepspeed --num_gpus 1 sft.py --model_name_or_path facebook/opt-1.3b --data_path Dahoas/rm-static \
