@@ -4,7 +4,7 @@ prompt + response (models.end_scores); step 3 reads rewards the same way and sta
 
     # the built-in demo on CPU, from the step-1 output, at its recipe (builtin.DEMO_RECIPE)
     python reward.py --model_name_or_path output/step1_sft --learning_rate 1e-3 --num_train_epochs 2 \\
-        --per_device_train_batch_size 16 --per_device_eval_batch_size 32 --output_dir output/step2_reward
+        --per_device_train_batch_size 8 --per_device_eval_batch_size 32 --output_dir output/step2_reward
     # 1 GPU
     deepspeed --num_gpus 1 reward.py --model_name_or_path facebook/opt-350m --data_path Dahoas/rm-static \\
         --learning_rate 5e-5 --per_device_train_batch_size 8 --dtype bf16 --zero_stage 2 --output_dir out/reward

@@ -6,7 +6,7 @@ every response ends with the tokenizer's EOS, so the model learns to stop.
     # the built-in demo on CPU (about 4 minutes on 2 cores), at its recipe (builtin.DEMO_RECIPE; the defaults are for
     # real pretrained models)
     python sft.py --model_name_or_path tiny:gpt2 --learning_rate 5e-4 --num_train_epochs 20 \
-        --per_device_train_batch_size 16 --output_dir output/step1_sft
+        --per_device_train_batch_size 8 --output_dir output/step1_sft
     # 1 GPU
     deepspeed --num_gpus 1 sft.py --model_name_or_path facebook/opt-1.3b --data_path Dahoas/rm-static \
         --learning_rate 9.65e-6 --per_device_train_batch_size 8 --dtype bf16 --zero_stage 2 --output_dir out/sft

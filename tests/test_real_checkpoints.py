@@ -126,6 +126,7 @@ def test_defaults_are_for_real_models_and_train_py_passes_the_demos(tmp_path):
     assert (a.actor_learning_rate, a.critic_learning_rate, a.max_answer_seq_len) == (9.65e-6, 5e-6, 256)
     demo = train.step_command(1, train.parse_args(["--output-dir", str(tmp_path)]))
     assert demo[demo.index("--learning_rate") + 1] == "5e-4"  # the tiny demo keeps its tuned values
+    assert demo[demo.index("--per_device_train_batch_size") + 1] == "8"  # twice the steps of 16 (README, issue 27)
     real = train.parse_args(["--actor-model", "facebook/opt-1.3b", "--reward-model", "facebook/opt-350m"])
     assert all("--learning_rate" not in train.step_command(i, real) for i in (1, 2))
 
