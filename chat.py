@@ -86,7 +86,7 @@ class Chatter:
                                   do_sample=a.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                   **kw)  # fmt: skip
         response = out[0, ids.shape[1] :].tolist()
-        text = tok.decode(data.cut_at_eos(response, tok.eos_token_id), skip_special_tokens=True).strip()
+        text = data.decode_answer(tok, response).strip()
         return text, tok.eos_token_id in response
 
 

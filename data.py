@@ -304,9 +304,10 @@ def build_ptx(args, tokenizer):
 
 # --------------------------------------------------------------------------------------------
 # Responses and sharding: shared by evaluation and PPO.
-def cut_at_eos(tokens, eos_id):
-    """Token list up to (not including) the first EOS."""
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+def decode_answer(tokenizer, tokens):
+    """A generated response's text: its tokens (a list) up to, not including, the first EOS; special tokens dropped."""
+    eos = tokenizer.eos_token_id
+    return tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens, skip_special_tokens=True)
 
 
 def rank_batches(n, batch_size):

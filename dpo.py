@@ -172,16 +172,15 @@ def evaluate(engine, ref, batches, prompts, checker, tokenizer, args, device):
         kw = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos, "max_new_tokens": args.eval_max_new_tokens}
         with common.generation_model(engine, False, args.zero_stage == 3) as model:  # ZeRO-3: gathered once
             response = model.generate(query, attention_mask=query_mask, do_sample=False, **kw)[:, query.shape[1] :]
-        is_eos = (response == eos).long()  # [B, Tr]
-        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+        mask = models.response_mask(response, eos)  # [B, Tr]
         seq, attn, tq = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1), query.shape[1]
-        logits = [m(input_ids=seq, attention_mask=attn).logits[:, tq - 1 : -1] for m in (engine, ref)]
+        logits = [models.response_logits(m, seq, attn, tq) for m in (engine, ref)]  # positions as generate() counts
         kl = (models.kl_from_logits(*logits) * mask).sum(1)  # exact KL(pi || ref) per answer [B], a row at a time
         for j, i in enumerate(idx):
-            text = tokenizer.decode(data.cut_at_eos(response[j].tolist(), eos), skip_special_tokens=True)
+            text = data.decode_answer(tokenizer, response[j].tolist())
             right = bool(checker(prompts["texts"][i], text))
             records.append({"prompt": prompts["texts"][i], "response": text, "kl": kl[j].item(), "correct": right})
-            values = (right, kl[j], mask[j].sum(), is_eos[j].any(), 1)
+            values = (right, kl[j], mask[j].sum(), (response[j] == eos).any(), 1)
             for key, value in zip(("accuracy", "kl", "response_length", "eos_rate", "n"), values):
                 sums[key] += float(value)
     s = dict(zip(sums, common.all_reduce_sum(list(sums.values()), device)))

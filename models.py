@@ -133,6 +133,21 @@ def position_inputs(model, attention_mask):
     return {"position_ids": (attention_mask.long().cumsum(1) - 1).clamp(min=0)}
 
 
+def response_mask(response, eos_id):
+    """1 up to and including the first EOS, 0 after it: [B, Tr] -> [B, Tr]. The EOS is an action: the policy learns
+    to stop."""
+    is_eos = (response == eos_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def response_logits(model, seq, attn, query_len):
+    """Logits that predict each response token: [B, Tq + Tr, V] -> [B, Tr, V]. Position t predicts token t + 1, so the
+    logits for response tokens Tq .. Tq + Tr - 1 sit at positions Tq - 1 .. Tq + Tr - 2. Positions are counted over
+    real tokens, as generate() counts them: left padding changes nothing."""
+    pos = position_inputs(getattr(model, "module", model), attn)  # a DeepSpeed engine's forward takes **kwargs
+    return model(input_ids=seq, attention_mask=attn, use_cache=False, **pos).logits[:, query_len - 1 : -1]
+
+
 def last_token_index(attention_mask):  # [B, T] -> [B]; from the mask, never token ids: any padding side, BOS == PAD
     """Where the reward model reads its score: the last real token of each row."""
     return attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)

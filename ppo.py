@@ -232,14 +232,6 @@ def masked_whiten(x, mask, shift_mean=True, distributed=False):
     return out * mask
 
 
-def response_mask(response, eos_id):
-    """1 up to and including the first EOS, 0 after it: [B, Tr] -> [B, Tr]. The EOS is an action: the policy learns
-    to stop."""
-    is_eos = (response == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return (~after_eos).long()
-
-
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token KL(pi || pi_ref) estimate from samples of pi (Schulman, "Approximating KL divergence"):
     k1 = log p - log p_ref (unbiased, can be negative); k3 = (r - 1) - log r with r = p_ref / p (>= 0). [B, Tr]."""
@@ -401,12 +393,6 @@ class PPOTrainer:
         self.skipped = 0  # micro-batch updates dropped for a non-finite loss (or reward)
         self.generate_kwargs = {}  # more generate() arguments: scripts/bench.py forces full-length answers
 
-    def logits(self, engine, seq, attn, query_len):
-        """Logits that predict each response token: [B, Tq + Tr, V] -> [B, Tr, V]. Position t predicts token t + 1,
-        so the logits for response tokens Tq .. Tq + Tr - 1 sit at positions Tq - 1 .. Tq + Tr - 2."""
-        pos = models.position_inputs(engine.module, attn)  # counted over real tokens: left padding changes nothing
-        return engine(input_ids=seq, attention_mask=attn, use_cache=False, **pos).logits[:, query_len - 1 : -1]
-
     @torch.no_grad()
     def sample(self, query, query_mask, greedy=False, sampler_logprobs=False):
         """Responses to left-padded queries [B, Tq]: response [B, Tr] (PAD after the first EOS) and its mask; with
@@ -428,7 +414,7 @@ class PPOTrainer:
         response = (out.sequences if sampler_logprobs else out)[:, query.shape[1] :]
         if response.shape[1] == 0:  # generate returned nothing new
             response = torch.full_like(query[:, :1], tok.eos_token_id)
-        mask = response_mask(response, tok.eos_token_id)
+        mask = models.response_mask(response, tok.eos_token_id)
         if not sampler_logprobs:
             return response.masked_fill(mask == 0, tok.pad_token_id), mask
         logp = [F.log_softmax(s.float(), -1).gather(1, response[:, t, None])[:, 0] for t, s in enumerate(out.scores)]
@@ -441,10 +427,10 @@ class PPOTrainer:
         a, e, tok = self.args, self.engine, self.tokenizer
         seq, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)  # [B, Tq + Tr]
         tq, out = query.shape[1], {}
-        logits = self.logits(e.actor, seq, attn, tq)  # [B, Tr, V]
+        logits = models.response_logits(e.actor, seq, attn, tq)  # [B, Tr, V]
         out["logprobs"] = logprobs_from_logits(logits, response, a.temperature)
         out["entropy"] = entropy_from_logits(logits, a.temperature)
-        ref_logits = self.logits(e.ref, seq, attn, tq)
+        ref_logits = models.response_logits(e.ref, seq, attn, tq)
         out["ref_logprobs"] = logprobs_from_logits(ref_logits, response, a.temperature)
         if full_kl:
             out["kl"] = kl_from_logits(logits, ref_logits, a.temperature) * mask
@@ -456,9 +442,7 @@ class PPOTrainer:
         if e.reward is not None:
             out["scores"] = models.end_scores(e.reward(seq, attn), attn)  # read at the last real token: the EOS
         else:
-            answers = [
-                tok.decode(data.cut_at_eos(r, tok.eos_token_id), skip_special_tokens=True) for r in response.tolist()
-            ]
+            answers = [data.decode_answer(tok, r) for r in response.tolist()]
             out["scores"] = torch.tensor(e.reward_fn(instructions, answers), dtype=torch.float, device=self.device)
         return out
 
@@ -491,7 +475,7 @@ class PPOTrainer:
         a, e, mask, tq = self.args, self.engine, exp["mask"], exp["query"].shape[1]
         seq, attn = torch.cat([exp["query"], exp["response"]], 1), torch.cat([exp["query_mask"], mask], 1)
         e.actor.train()
-        logits, agg = self.logits(e.actor, seq, attn, tq), (a.loss_agg_mode, a.max_answer_seq_len)
+        logits, agg = models.response_logits(e.actor, seq, attn, tq), (a.loss_agg_mode, a.max_answer_seq_len)
         logprobs = logprobs_from_logits(logits, exp["response"], a.temperature)
         old = (exp["logprobs"], exp["advantages"], mask, a.cliprange)  # the rollout's log-probs and advantages
         weights = None if a.tis_cap is None else tis_weights(exp["logprobs"], exp["sampler_logprobs"], mask, a.tis_cap)
@@ -674,7 +658,7 @@ def log_step(step, total_steps, m, log, engine, trainer, exp=None):
     tok = engine.tokenizer
     for j in range(min(3, len(exp["query"])) if exp is not None else 0):
         q = tok.decode(exp["query"][j][exp["query_mask"][j] == 1])
-        r = tok.decode(data.cut_at_eos(exp["response"][j].tolist(), tok.eos_token_id), skip_special_tokens=True)
+        r = data.decode_answer(tok, exp["response"][j].tolist())
         print_rank0(f"    {q[-48:]!r:52} -> {r!r:28} score {exp['scores'][j].item():+.2f}")
 
 
@@ -759,7 +743,7 @@ def evaluate(trainer, held_out, checker):
     a, tok, dev = trainer.args, trainer.tokenizer, trainer.device
     prompts, texts, references = held_out["ids"], held_out["texts"], held_out["references"]
     judge = checker is not None and trainer.engine.reward is not None
-    sums, records = dict.fromkeys(["reward", "kl", "response_length", "eos_rate", "accuracy", "hacked", "n"], 0.0), []
+    records = []
     for idx in data.rank_batches(len(prompts), a.per_device_generation_batch_size):
         batch = data.prompt_batch(held_out, idx or [0], tok.pad_token_id)  # a rank with none left runs a dummy prompt
         query, query_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
@@ -773,21 +757,19 @@ def evaluate(trainer, held_out, checker):
             ref_ids, ref_mask = ref["input_ids"].to(dev), ref["attention_mask"].to(dev)
             ref_scores = models.end_scores(trainer.engine.reward(ref_ids, ref_mask), ref_mask)
         for j, i in enumerate(idx):
-            text = tok.decode(data.cut_at_eos(response[j].tolist(), tok.eos_token_id), skip_special_tokens=True)
+            text = data.decode_answer(tok, response[j].tolist())
             rec = {"prompt": texts[i], "response": text, "score": s["scores"][j].item(), "kl": s["kl"][j].sum().item()}
+            rec.update(response_length=mask[j].sum().item(), eos=has_eos[j].item())
             if checker is not None:
                 rec["correct"] = bool(checker(texts[i], text))
             if judge:
                 rec["reference_score"] = ref_scores[j].item()
-                sums["hacked"] += not rec["correct"] and rec["score"] > rec["reference_score"]
+                rec["hacked"] = not rec["correct"] and rec["score"] > rec["reference_score"]
             records.append(rec)
-            values = (rec["score"], rec["kl"], mask[j].sum().item(), has_eos[j].item(), rec.get("correct", 0), 1)
-            for key, value in zip(("reward", "kl", "response_length", "eos_rate", "accuracy", "n"), values):
-                sums[key] += value
-    sums = dict(zip(sums, common.all_reduce_sum(list(sums.values()), dev)))
-    drop = {"n"} | (set() if checker is not None else {"accuracy"}) | (set() if judge else {"hacked"})
-    metrics = {f"eval_{k}": v / sums["n"] for k, v in sums.items() if k not in drop}
-    return metrics, common.gather_lists(records)
+    records = common.gather_lists(records)  # every rank's, on every rank: the metrics are their means
+    rename = {"score": "reward", "eos": "eos_rate", "correct": "accuracy"}  # record key -> metric, where they differ
+    keys = [k for k in ("score", "kl", "response_length", "eos", "correct", "hacked") if k in records[0]]
+    return {f"eval_{rename.get(k, k)}": sum(r[k] for r in records) / len(records) for k in keys}, records
 
 
 if __name__ == "__main__":

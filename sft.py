@@ -145,7 +145,7 @@ def greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, devic
         kw["synced_gpus"] = zero3 and common.world_size() > 1
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, **kw)
         for i, row in zip(idx, out[:, ids.shape[1] :].tolist()):  # the generated tokens: [B, new]
-            answers[i] = tokenizer.decode(data.cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)
+            answers[i] = data.decode_answer(tokenizer, row)
     return answers
 
 

@@ -93,16 +93,16 @@ def answers(out, name, prompts, tokenizer, samples=0, seed=0, batch=16):
         )
         gen = policy.generate(**b, max_new_tokens=ANSWER, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, **how)[:, b["input_ids"].shape[1] :]  # fmt: skip
-        is_eos = (gen == tokenizer.eos_token_id).long()
-        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
-        seq, attn, tq = torch.cat([b["input_ids"], gen], 1), torch.cat([b["attention_mask"], mask], 1), gen.shape[1]
-        pos = models.position_inputs(policy, attn)
-        logits = [m(input_ids=seq, attention_mask=attn, **pos).logits[:, -tq - 1 : -1] for m in (policy, sft)]
+        mask = models.response_mask(gen, tokenizer.eos_token_id)
+        seq, attn = torch.cat([b["input_ids"], gen], 1), torch.cat([b["attention_mask"], mask], 1)
+        tq = b["input_ids"].shape[1]  # query tokens
+        logits = [models.response_logits(m, seq, attn, tq) for m in (policy, sft)]
         kl, scores = (models.kl_from_logits(*logits) * mask).sum(1), reward.score(seq, attn)
+        has_eos = (gen == tokenizer.eos_token_id).any(1)
         for j in range(len(gen)):
-            text = tokenizer.decode(data.cut_at_eos(gen[j].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+            text = data.decode_answer(tokenizer, gen[j].tolist())
             rows.append({"response": text, "score": scores[j].item(), "kl": kl[j].item(),
-                         "length": mask[j].sum().item(), "eos": bool(is_eos[j].any())})  # fmt: skip
+                         "length": mask[j].sum().item(), "eos": bool(has_eos[j])})  # fmt: skip
     return rows
 
 

@@ -87,3 +87,42 @@ def test_dpo_two_ranks_zero3(tmp_path):
     assert "ranks 2 = global batch 8 pairs" in proc.stdout
     m = _metrics(out)
     assert m["eval_loss"] < m["eval_loss_start"] and math.isfinite(m["eval_accuracy"])
+
+
+class _Engine(torch.nn.Module):  # what dpo.evaluate needs of a DeepSpeed engine: .module and a forward
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+
+def test_eval_kl_of_a_left_padded_batch_equals_each_prompt_alone():
+    """The KL of an answer must not depend on its batch: positions count real tokens, as generate() counts them (it
+    once used raw positions, so a left-padded prompt's KL was measured at positions the answer never saw)."""
+    import argparse
+
+    import builtin
+    import data
+    import dpo
+    import models
+
+    tok = models.load_tokenizer("tiny:gpt2")
+    policy, ref = (models.load_model("tiny:gpt2", tok).eval() for _ in range(2))
+    torch.manual_seed(0)
+    for p in policy.parameters():  # policy != reference: a KL to measure
+        p.data += 0.1 * torch.randn_like(p)
+    texts = ["sort: d b a", "sort: g e c b a f"]  # lengths differ: the short one is left-padded in a batch of two
+    prompts = {"ids": [data.encode_prompt(tok, data.format_prompt(t)) for t in texts], "texts": texts}
+    ids = torch.randint(5, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    pairs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.masked_fill(ids < 30, -100)}
+    kl = {}
+    for batch_size in (2, 1):
+        args = argparse.Namespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, zero_stage=0,
+                                  per_device_eval_batch_size=batch_size, eval_max_new_tokens=8)  # fmt: skip
+        _, records = dpo.evaluate(_Engine(policy), _Engine(ref), lambda: [(pairs, 1)], prompts, builtin.sort_check,
+                                  tok, args, torch.device("cpu"))  # fmt: skip
+        kl[batch_size] = [(r["response"], r["kl"]) for r in records]
+    assert [r for r, _ in kl[2]] == [r for r, _ in kl[1]]  # the same greedy answers
+    assert all(k > 0 for _, k in kl[1]) and [k for _, k in kl[2]] == pytest.approx([k for _, k in kl[1]], rel=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+from models import response_mask
 from ppo import (
     adaptive_kl_coef,
     advantages_and_returns,
@@ -20,7 +21,6 @@ from ppo import (
     masked_whiten,
     merge_experiences,
     policy_loss,
-    response_mask,
     shape_scores,
     value_loss,
 )

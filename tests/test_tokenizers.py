@@ -33,7 +33,7 @@ def test_encoding_conventions_and_the_checker_hold(kind, folders):
     assert pair["input_ids"][: len(ids)] == ids and labelled[-1] == tok.eos_token_id
     for answer, right in ((" a b c d", True), (" a b d c", False)):  # as a stage decodes a generated answer
         generated = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.pad_token_id]
-        text = tok.decode(data.cut_at_eos(generated, tok.eos_token_id), skip_special_tokens=True)
+        text = data.decode_answer(tok, generated)
         assert builtin.sort_check(prompt, text) is right, (kind, text)
 
 
