@@ -78,7 +78,7 @@ TINY_VERSION = 4
 # answers); a random 0.5M-parameter model learns the demo in minutes only at these (README, "Results on the demo").
 DEMO_RECIPE = {
     "sft.py": "--learning_rate 5e-4 --num_train_epochs 20 --per_device_train_batch_size 8",
-    "reward.py": "--learning_rate 1e-3 --num_train_epochs 2 --per_device_train_batch_size 8 "
+    "reward.py": "--learning_rate 5e-4 --num_train_epochs 2 --per_device_train_batch_size 8 "
     "--per_device_eval_batch_size 32",
     "ppo.py": "--actor_learning_rate 1e-4 --critic_learning_rate 1e-4 --max_answer_seq_len 64 "
     "--per_device_generation_batch_size 64 --per_device_training_batch_size 32",

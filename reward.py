@@ -3,7 +3,7 @@ Bradley-Terry loss of InstructGPT. A sequence's score is the head's value at its
 prompt + response (models.end_scores); step 3 reads rewards the same way and starts its critic from this model.
 
     # the built-in demo on CPU, from the step-1 output, at its recipe (builtin.DEMO_RECIPE)
-    python reward.py --model_name_or_path output/step1_sft --learning_rate 1e-3 --num_train_epochs 2 \\
+    python reward.py --model_name_or_path output/step1_sft --learning_rate 5e-4 --num_train_epochs 2 \\
         --per_device_train_batch_size 8 --per_device_eval_batch_size 32 --output_dir output/step2_reward
     # 1 GPU
     deepspeed --num_gpus 1 reward.py --model_name_or_path facebook/opt-350m --data_path Dahoas/rm-static \\

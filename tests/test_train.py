@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import sys
 
+import builtin
 import train
-from conftest import run_stage
+from conftest import ROOT, run_stage
 
 FAST = [
     "--step1-args",
@@ -136,3 +138,13 @@ def test_algo_dpo_runs_step_1_then_dpo_and_reports_it(tmp_path):
         "SFT 50.0% -> DPO 75.0% (+25.0 points)" in report
         and "| step 3: implicit reward accuracy | 0.0000 | 0.9000 |" in report
     )
+
+
+def test_readme_recipe_table_is_builtin_demo_recipe():
+    readme = open(os.path.join(ROOT, "README.md")).read()  # its table of the demo's flags (Defaults) agrees
+    rows = re.findall(r"^\| `(\w+\.py) --[^|]*\|[^|]*\| ([^|]*) \|$", readme, re.M)  # (script, the demo's column)
+    table = {}
+    for script, cell in rows:
+        table.setdefault(script, []).extend(re.findall(r"[0-9.e-]+", cell))
+    recipe = {script: flags.split()[1::2] for script, flags in builtin.DEMO_RECIPE.items()}  # the values, in order
+    assert table == recipe
